@@ -1,0 +1,23 @@
+"""keras-teleport: symmetry teleportation for Keras 3 optimizers."""
+
+from keras_teleport.groups import DiagonalScaling
+from keras_teleport.groups import GeneralLinear
+from keras_teleport.layers import SymmetricDensePair
+from keras_teleport.symmetries import Junction
+from keras_teleport.symmetries import RefusedJunction
+from keras_teleport.symmetries import Symmetries
+from keras_teleport.symmetries import find_symmetries
+from keras_teleport.teleport import Teleport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiagonalScaling",
+    "GeneralLinear",
+    "Junction",
+    "RefusedJunction",
+    "SymmetricDensePair",
+    "Symmetries",
+    "Teleport",
+    "find_symmetries",
+]
