@@ -1,5 +1,6 @@
 """keras-teleport: symmetry teleportation for Keras 3 optimizers."""
 
+from keras_teleport.callbacks import TeleportLogger
 from keras_teleport.groups import DiagonalScaling
 from keras_teleport.groups import GeneralLinear
 from keras_teleport.layers import SymmetricDensePair
@@ -19,5 +20,6 @@ __all__ = [
     "SymmetricDensePair",
     "Symmetries",
     "Teleport",
+    "TeleportLogger",
     "find_symmetries",
 ]
