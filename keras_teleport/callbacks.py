@@ -14,7 +14,6 @@ def find_teleport(optimizer):
     return None
 
 
-@keras.saving.register_keras_serializable(package="keras_teleport")
 class TeleportLogger(keras.callbacks.Callback):
     """Adds the Teleport optimizer's metrics to the `logs` of `fit`.
 
