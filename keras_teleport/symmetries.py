@@ -134,12 +134,12 @@ def _transparent_groups(layer):
     return _TRANSPARENT[kind], None
 
 
-def _dense_problems(layer, side):
+def _dense_problems(layer, side, uses=1):
     """Reasons why a Dense layer cannot take part on `side` ('in'/'out')."""
     problems = []
     if not layer.trainable:
         problems.append(f"{layer.name!r} is not trainable")
-    if len(getattr(layer, "_inbound_nodes", [])) > 1:
+    if uses > 1:
         problems.append(f"{layer.name!r} is used more than once")
     if getattr(layer, "lora_enabled", False):
         problems.append(f"{layer.name!r} has LoRA enabled")
@@ -161,11 +161,11 @@ def _dense_problems(layer, side):
     return problems
 
 
-def _pair_problems(layer):
+def _pair_problems(layer, uses=1):
     problems = []
     if not layer.trainable:
         problems.append(f"{layer.name!r} is not trainable")
-    if len(getattr(layer, "_inbound_nodes", [])) > 1:
+    if uses > 1:
         problems.append(f"{layer.name!r} is used more than once")
     return problems
 
@@ -217,21 +217,54 @@ def _pair_junction(layer):
     )
 
 
-def _next_layer(layer, model, output_ids):
-    """The one layer that reads `layer`'s output: (layer or None, reason)."""
+def _graph_nodes(model):
+    """The node keys of the model's own graph, or None without a graph.
+
+    Layers keep every node they were ever called in (deserialization adds
+    spare ones), so uses and consumers count only the model's own nodes.
+    """
+    graph = model
     if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+    nodes = getattr(graph, "_nodes", None)
+    return set(nodes) if nodes is not None else None
+
+
+def _node_key(node):
+    from keras.src.ops.function import make_node_key
+
+    operation = node.operation
+    return make_node_key(operation, operation._inbound_nodes.index(node))
+
+
+def _uses(layer, nodes):
+    if nodes is None:
+        return 1
+    return sum(
+        make_key in nodes
+        for make_key in (_node_key(n) for n in layer._inbound_nodes)
+    )
+
+
+def _next_layer(layer, model, nodes, output_ids):
+    """The one layer that reads `layer`'s output: (layer or None, reason)."""
+    if nodes is None:  # a Sequential model without a symbolic graph
         layers = list(model.layers)
         index = layers.index(layer)
         return (layers[index + 1] if index + 1 < len(layers) else None), None
-    nodes = getattr(layer, "_outbound_nodes", [])
-    if not nodes:
-        return None, None
-    outputs = layer._inbound_nodes[0].outputs if layer._inbound_nodes else []
-    if any(id(t) in output_ids for t in outputs):
+    own = [n for n in layer._inbound_nodes if _node_key(n) in nodes]
+    readers = [
+        n for n in getattr(layer, "_outbound_nodes", [])
+        if _node_key(n) in nodes
+    ]
+    outputs = own[0].outputs if own else []
+    if readers and any(id(t) in output_ids for t in outputs):
         return None, f"the output of {layer.name!r} is also a model output"
-    if len(nodes) > 1:
+    if len(readers) > 1:
         return None, f"the output of {layer.name!r} is read by several layers"
-    return nodes[0].operation, None
+    if not readers:
+        return None, None
+    return readers[0].operation, None
 
 
 def find_symmetries(model):
@@ -274,10 +307,11 @@ def find_symmetries(model):
             "before its symmetries can be found."
         )
     junctions, refused = [], []
+    nodes = _graph_nodes(model)
     all_layers = list(model._flatten_layers(include_self=False))
     for layer in all_layers:
         if _is_pair(layer):
-            problems = _pair_problems(layer)
+            problems = _pair_problems(layer, _uses(layer, nodes))
             if problems:
                 refused.append(
                     RefusedJunction(f"{layer.name} (internal)", "; ".join(problems))
@@ -308,7 +342,7 @@ def find_symmetries(model):
         current, second, branched = first, None, False
         # Follow the hidden tensor to the next Dense-like layer.
         while True:
-            current, why = _next_layer(current, model, output_ids)
+            current, why = _next_layer(current, model, nodes, output_ids)
             if why:
                 reasons.append(why)
                 branched = True
@@ -328,8 +362,8 @@ def find_symmetries(model):
             continue  # no Dense layer reads these units: nothing to move
         name = f"{first.name} -> {second.name if second else '?'}"
         if second is not None:
-            reasons += _dense_problems(first, "in")
-            reasons += _dense_problems(second, "out")
+            reasons += _dense_problems(first, "in", _uses(first, nodes))
+            reasons += _dense_problems(second, "out", _uses(second, nodes))
         if not groups and not reasons:
             reasons.append("no group acts exactly through the layers between")
         if reasons:

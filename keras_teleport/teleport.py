@@ -470,11 +470,13 @@ class Teleport(keras.optimizers.Optimizer):
 
             def cross_replica(distribution, due, values):
                 due = distribution.experimental_local_results(due)[0]
-                tf.cond(
-                    due,
-                    lambda: _write(targets, values, distribution),
-                    lambda: [tf.no_op()],
-                )
+
+                def write():
+                    ops = _write(targets, values, distribution)
+                    with tf.control_dependencies(tf.nest.flatten(ops)):
+                        return tf.constant(True)
+
+                tf.cond(due, write, lambda: tf.constant(False))
 
             tf.distribute.get_replica_context().merge_call(
                 cross_replica, args=(due, values)
