@@ -1,5 +1,6 @@
 """keras-teleport: symmetry teleportation for Keras 3 optimizers."""
 
+from keras_teleport.callbacks import TeleportData
 from keras_teleport.callbacks import TeleportLogger
 from keras_teleport.groups import DiagonalScaling
 from keras_teleport.groups import GeneralLinear
@@ -20,6 +21,7 @@ __all__ = [
     "SymmetricDensePair",
     "Symmetries",
     "Teleport",
+    "TeleportData",
     "TeleportLogger",
     "find_symmetries",
 ]

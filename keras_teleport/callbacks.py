@@ -64,3 +64,65 @@ class TeleportLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._add(logs)
+
+
+class TeleportData(keras.callbacks.Callback):
+    """Hands teleport data to a `Teleport` that uses the data-dependent action.
+
+    The data-dependent GL action (`Teleport(..., group="gl")` on leaky_relu
+    junctions) is exact only on a batch of data. This callback gives the
+    optimizer the arrays it draws each teleport's batch from (a fresh
+    shuffled batch of `batch_size` per teleport, drawn inside the compiled
+    train step, so `steps_per_execution` and XLA keep working), and runs a
+    teleport scheduled at step 0 before training starts.
+
+    Args:
+        x: Array of inputs to draw teleport batches from.
+        y: Array of their targets.
+        batch_size: Examples per teleport batch. Defaults to `200`.
+        seed: Integer seed of the draws. Defaults to `0`.
+
+    Example:
+
+    ```python
+    steps_per_epoch = len(x) // 20
+    opt = keras_teleport.Teleport(
+        keras.optimizers.Adagrad(1e-2), group="gl", slots="reset",
+        at_steps=[2 * steps_per_epoch + i for i in range(8)],
+        teleport_lr=1e-4)
+    model.compile(optimizer=opt, loss=...)
+    model.fit(x, y, batch_size=20, epochs=40,
+              callbacks=[keras_teleport.TeleportData(x, y)])
+    ```
+
+    References:
+        - Zhao et al., "Improving Convergence and Generalization Using
+          Parameter Symmetries", ICLR 2024.
+    """
+
+    def __init__(self, x, y, batch_size=200, seed=0):
+        super().__init__()
+        if len(x) != len(y):
+            raise ValueError(
+                f"`x` and `y` must have the same length. Received {len(x)} "
+                f"and {len(y)}."
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def on_train_begin(self, logs=None):
+        teleport = find_teleport(getattr(self.model, "optimizer", None))
+        if teleport is None:
+            raise ValueError(
+                "TeleportData needs a model compiled with "
+                "keras_teleport.Teleport."
+            )
+        if not teleport.built:
+            teleport.build(self.model.trainable_variables, model=self.model)
+        teleport.set_teleport_data(self.x, self.y, self.batch_size, self.seed)
+        step = int(keras.ops.convert_to_numpy(teleport.iterations))
+        if step == 0 and (
+            (teleport.every is not None) or 0 in (teleport.at_steps or ())
+        ):
+            teleport.teleport_now()

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 from keras.src.utils import tracking
 
+from keras_teleport import data_dependent
 from keras_teleport import groups as groups_lib
 from keras_teleport import objectives
 from keras_teleport import slots as slots_lib
@@ -14,7 +15,7 @@ from keras_teleport import symmetries
 
 SLOT_POLICIES = ("transport", "reset", "keep")
 GROUP_CHOICES = ("auto", "scaling", "gl")
-_METRICS = ("grad_norm_before", "grad_norm_after", "distance")
+_METRICS = ("grad_norm_before", "grad_norm_after", "distance", "loss_drift")
 
 
 def _is_int(value):
@@ -155,6 +156,9 @@ class Teleport(keras.optimizers.Optimizer):
         max_grad_norm_ratio=5.0,
         slots="transport",
         group="auto",
+        form="iclr",
+        parametrization="identity_plus",
+        loss_tolerance=0.05,
         name=None,
         **kwargs,
     ):
@@ -234,6 +238,25 @@ class Teleport(keras.optimizers.Optimizer):
                 f"Unknown `group` {group!r}. Accepted values: "
                 f"{list(GROUP_CHOICES)}."
             )
+        if form not in data_dependent.FORMS:
+            raise ValueError(
+                f"Unknown `form` {form!r}. Accepted values: "
+                f"{list(data_dependent.FORMS)}."
+            )
+        if parametrization not in data_dependent.PARAMETRIZATIONS:
+            raise ValueError(
+                f"Unknown `parametrization` {parametrization!r}. Accepted "
+                f"values: {list(data_dependent.PARAMETRIZATIONS)}."
+            )
+        if loss_tolerance is not None and (
+            not isinstance(loss_tolerance, (int, float))
+            or isinstance(loss_tolerance, bool)
+            or not loss_tolerance >= 0
+        ):
+            raise ValueError(
+                "`loss_tolerance` must be a number >= 0 or None. Received: "
+                f"loss_tolerance={loss_tolerance!r}"
+            )
         for key, value in kwargs.items():
             default = {"use_ema": False, "ema_momentum": 0.99}.get(key)
             if value is not None and value != default:
@@ -251,6 +274,11 @@ class Teleport(keras.optimizers.Optimizer):
         self.max_grad_norm_ratio = float(max_grad_norm_ratio)
         self.slots = slots
         self.group = group
+        self.form = form
+        self.parametrization = parametrization
+        self.loss_tolerance = (
+            None if loss_tolerance is None else float(loss_tolerance)
+        )
         self._plan = None
 
     @property
@@ -318,6 +346,7 @@ class Teleport(keras.optimizers.Optimizer):
         """
         var_list = list(var_list)
         junctions = indices = ()
+        chain = loss_fn = None
         if self.teleports:
             model = model or _find_calling_model(var_list)
             if model is None:
@@ -326,7 +355,12 @@ class Teleport(keras.optimizers.Optimizer):
                     "built outside of Keras' fit/compile. Call "
                     "`optimizer.build(model.trainable_variables, model=model)`."
                 )
-            junctions, indices = self._make_plan_junctions(model, var_list)
+            chain = self._data_chain(model, var_list)
+            if chain is None:
+                junctions, indices = self._make_plan_junctions(model, var_list)
+            else:
+                junctions, indices = _chain_junctions(chain, var_list)
+                loss_fn = _loss_function(model)
         self.inner_optimizer.build(var_list)
         slots = {}
         if self.teleports and self.slots == "transport":
@@ -358,6 +392,10 @@ class Teleport(keras.optimizers.Optimizer):
         )
         self._plan = _Plan(junctions, indices, records, slots, resets)
         self._plan.ascent = self._make_ascent(indices)
+        self._plan.chain = chain
+        if chain is not None:
+            self._plan.data_ascent = self._make_data_ascent(chain, loss_fn)
+            self._plan.loss_fn = loss_fn
         super().build(var_list)
 
     def _make_ascent(self, indices):
@@ -372,6 +410,41 @@ class Teleport(keras.optimizers.Optimizer):
             )
 
         return tf.function(ascent, jit_compile=True, autograph=False)
+
+    def _data_chain(self, model, var_list):
+        """The chain for the data-dependent action, or None if not used.
+
+        `group="gl"` on a junction with a leaky (invertible, not linear)
+        activation needs the data-dependent action.
+        """
+        if self.group != "gl":
+            return None
+        found = symmetries.find_symmetries(model)
+        if all("gl" in j.groups for j in found.junctions):
+            return None
+        if _multi_replica() or tf.distribute.has_strategy():
+            raise ValueError(
+                "The data-dependent GL action (group='gl' on leaky_relu "
+                "junctions) does not support tf.distribute yet; use "
+                "group='scaling' there."
+            )
+        chain = data_dependent.make_chain(model, var_list)
+        if not chain.junctions:
+            return None
+        return chain
+
+    def _make_data_ascent(self, chain, loss_fn):
+        def ascent(weights, x, y):
+            return data_dependent.ascend(
+                loss_fn, chain, weights, x, y, self.steps, self.teleport_lr,
+                self.max_grad_norm_ratio, self.form, self.parametrization,
+            )
+
+        # expm's gradient does not compile under XLA.
+        return tf.function(
+            ascent, jit_compile=self.parametrization != "expm",
+            autograph=False,
+        )
 
     def _initial_fills(self):
         """Each inner slot with the constant it starts from, for resets."""
@@ -420,11 +493,134 @@ class Teleport(keras.optimizers.Optimizer):
                 self.build(trainable_variables or self._trainable_variables)
             self.built = True
         grads = list(grads)
+        if self.teleports and self._plan.chain is not None:
+            # The data-dependent action moves the gradient in no closed
+            # form: teleport after this step, so the next step's gradient
+            # is computed at the teleported point.
+            self.inner_optimizer.apply(grads, trainable_variables)
+            self._iterations.assign_add(1)
+            due = self._is_teleport_step(tf.cast(self._iterations, tf.int64))
+            tf.cond(due, self._data_teleport, lambda: tf.constant(False))
+            return
         if self.teleports:
             variables = list(trainable_variables or self._trainable_variables)
             grads = self._teleport(grads, variables)
         self.inner_optimizer.apply(grads, trainable_variables)
         self._iterations.assign_add(1)
+
+    # The data-dependent action -------------------------------------------
+
+    def set_teleport_data(self, x, y, batch_size=200, seed=0):
+        """Gives the data-dependent action the data it draws batches from.
+
+        Each teleport draws a fresh batch of `batch_size` examples from
+        `(x, y)`, without replacement, seeded by `seed` and the step. The
+        arrays are kept in non-trainable variables that are not saved with
+        the optimizer. Usually called by `keras_teleport.TeleportData`.
+
+        Args:
+            x: Array of teleport inputs.
+            y: Array of their targets.
+            batch_size: Examples per teleport batch. Defaults to `200`.
+            seed: Integer seed of the batch draws. Defaults to `0`.
+        """
+        if self._plan is None or self._plan.chain is None:
+            raise ValueError(
+                "Teleport data is used only by the data-dependent GL action "
+                "(group='gl' on leaky_relu junctions, after build); this "
+                f"optimizer has group={self.group!r}."
+            )
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(
+                "`batch_size` must be a positive integer. Received: "
+                f"batch_size={batch_size!r}"
+            )
+        if len(x) != len(y) or len(x) < batch_size:
+            raise ValueError(
+                f"`x` and `y` must have the same length, at least "
+                f"batch_size={batch_size}. Received {len(x)} and {len(y)}."
+            )
+        plan = self._plan
+        x = tf.convert_to_tensor(x, self._trainable_variables[0].dtype)
+        y = tf.convert_to_tensor(y)
+        with tf.init_scope():
+            if getattr(plan, "pool", None) is None:
+                plan.pool = (
+                    tf.Variable(x, trainable=False,
+                                shape=tf.TensorShape(None)),
+                    tf.Variable(y, trainable=False,
+                                shape=tf.TensorShape(None)),
+                )
+                plan.pool_batch = batch_size
+                plan.shapes = (tuple(x.shape[1:]), tuple(y.shape[1:]))
+                plan.seed = tf.Variable(int(seed), dtype=tf.int64,
+                                        trainable=False)
+            else:
+                if batch_size != plan.pool_batch:
+                    raise ValueError(
+                        "`batch_size` cannot change once set: "
+                        f"{plan.pool_batch} before, {batch_size} now."
+                    )
+                if (tuple(x.shape[1:]), tuple(y.shape[1:])) != plan.shapes:
+                    raise ValueError(
+                        "Teleport data must keep its example shape: "
+                        f"{plan.shapes} before, {(x.shape[1:], y.shape[1:])} "
+                        "now."
+                    )
+                plan.pool[0].assign(x)
+                plan.pool[1].assign(y)
+                plan.seed.assign(int(seed))
+
+    def teleport_now(self):
+        """Runs one data-dependent teleport now (eagerly compiled)."""
+        if getattr(self._plan, "teleport_fn", None) is None:
+            self._plan.teleport_fn = tf.function(self._data_teleport)
+        return bool(self._plan.teleport_fn())
+
+    def _teleport_batch(self):
+        plan = self._plan
+        if getattr(plan, "pool", None) is None:
+            raise ValueError(
+                "The data-dependent GL action needs teleport data: add "
+                "`keras_teleport.TeleportData(x, y)` to fit's callbacks, or "
+                "call `optimizer.set_teleport_data(x, y)` before training."
+            )
+        x_pool, y_pool = plan.pool
+        count = tf.shape(x_pool)[0]
+        seed = tf.stack([plan.seed, tf.cast(self._iterations, tf.int64)])
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
+        take = order[: plan.pool_batch]
+        batch = [plan.pool_batch]
+        return (
+            tf.ensure_shape(tf.gather(x_pool, take), batch + list(plan.shapes[0])),
+            tf.ensure_shape(tf.gather(y_pool, take), batch + list(plan.shapes[1])),
+        )
+
+    def _data_teleport(self):
+        """One data-dependent teleport with its loss guard; writes state."""
+        plan = self._plan
+        x, y = self._teleport_batch()
+        weights = [tf.convert_to_tensor(v) for v in self._trainable_variables]
+        ts, moved, f0, f1 = plan.data_ascent(weights, x, y)
+        before = plan.loss_fn(y, data_dependent.forward(plan.chain, weights, x))
+        after = plan.loss_fn(y, data_dependent.forward(plan.chain, moved, x))
+        drift = tf.abs(after - before) / tf.maximum(tf.abs(before), 1e-12)
+        # As in the reference, any finite ascent counts, even one that
+        # ended lower: only the loss guard can reject it.
+        ok = tf.math.is_finite(drift)
+        if self.loss_tolerance is not None:
+            ok = tf.logical_and(ok, drift <= self.loss_tolerance)
+        elements = []
+        for t in ts:
+            g = data_dependent._group_element(t, self.parametrization)
+            elements.append((g, tf.linalg.inv(g)))
+        weights_at = {p: moved[p] for p in plan.positions}
+        values, accepted = self._teleported_values(
+            elements, ok, f0, f1, weights_at, drift
+        )
+        targets, _ = self._targets()
+        with tf.control_dependencies(_write(targets, values)):
+            return tf.identity(accepted)
 
     def _is_teleport_step(self, step):
         due = tf.constant(False)
@@ -531,6 +727,31 @@ class Teleport(keras.optimizers.Optimizer):
         """Pure: (accepted, moved local grads, new values of `_targets`)."""
         plan = self._plan
         elements, f0, f1, taken = plan.ascent(shared)
+        values, accepted = self._teleported_values(elements, taken > 0, f0, f1)
+        moved_local = objectives.transport(
+            plan.indices, elements, local, "linear"
+        )
+        grads = [tf.where(accepted, moved_local[p], local[p])
+                 for p in plan.positions]
+        return accepted, grads, values
+
+    def _teleported_values(self, elements, ok, f0, f1, weights=None,
+                           drift=0.0):
+        """New values of `_targets` after moving by `elements`.
+
+        Args:
+            elements: one group element per junction of the plan.
+            ok: whether the ascent found a better point.
+            f0, f1: squared gradient norms before and after.
+            weights: position -> moved weight, where the action is not the
+                group's linear one (the data-dependent action).
+            drift: relative loss change of the move.
+
+        Returns:
+            `(values, accepted)`; a rejected teleport keeps every value but
+            its counter.
+        """
+        plan = self._plan
 
         def move(tensor, p, kind):
             return objectives.transport(
@@ -541,7 +762,9 @@ class Teleport(keras.optimizers.Optimizer):
         currents = [tf.convert_to_tensor(t) for t in targets]
         values = []
         for current, (kind, key, extra) in zip(currents, roles):
-            if kind in ("weight", "linear", "abs"):
+            if kind == "weight" and weights is not None:
+                values.append(tf.cast(weights[key], current.dtype))
+            elif kind in ("weight", "linear", "abs"):
                 values.append(move(current, key, kind))
             elif kind == "square":
                 # The initial value is not built from gradients: it stays.
@@ -557,10 +780,9 @@ class Teleport(keras.optimizers.Optimizer):
                 values.append(current)
         finite = [
             tf.reduce_all(tf.math.is_finite(v))
-            for v, (kind, _, _) in zip(values, roles)
-            if v.dtype.is_floating
+            for v in values if v.dtype.is_floating
         ]
-        accepted = tf.logical_and(taken > 0, tf.reduce_all(finite))
+        accepted = tf.logical_and(ok, tf.reduce_all(finite))
         distance = tf.sqrt(tf.add_n([
             tf.square(j.group.distance(e))
             for j, e in zip(plan.indices, elements)
@@ -569,18 +791,15 @@ class Teleport(keras.optimizers.Optimizer):
             accepted, tf.constant([1, 0], tf.int64),
             tf.constant([0, 1], tf.int64),
         )
-        last = tf.cast(tf.stack([tf.sqrt(f0), tf.sqrt(f1), distance]),
-                       tf.float32)
-        # A rejected teleport leaves everything but its counter as it was.
+        last = tf.cast(
+            tf.stack([tf.sqrt(f0), tf.sqrt(f1), distance,
+                      tf.cast(drift, f0.dtype)]),
+            tf.float32,
+        )
         values = [tf.where(accepted, v, c) for v, c in zip(values, currents)]
         values[-2] = counts
         values[-1] = tf.where(accepted, last, currents[-1])
-        moved_local = objectives.transport(
-            plan.indices, elements, local, "linear"
-        )
-        grads = [tf.where(accepted, moved_local[p], local[p])
-                 for p in plan.positions]
-        return accepted, grads, values
+        return values, accepted
 
     # Forwarding to the inner optimizer ----------------------------------
 
@@ -651,6 +870,9 @@ class Teleport(keras.optimizers.Optimizer):
             "max_grad_norm_ratio": self.max_grad_norm_ratio,
             "slots": self.slots,
             "group": self.group,
+            "form": self.form,
+            "parametrization": self.parametrization,
+            "loss_tolerance": self.loss_tolerance,
         }
 
     @classmethod
@@ -660,6 +882,44 @@ class Teleport(keras.optimizers.Optimizer):
             config.pop("optimizer"), custom_objects=custom_objects
         )
         return cls(inner, **config)
+
+
+def _chain_junctions(chain, var_list):
+    """Junctions and indices of a data-dependent chain (GL elements)."""
+    junctions, indices = [], []
+    for a, b, slope in chain.junctions:
+        first, second = chain.layers[a], chain.layers[b]
+        k1, b1 = chain.kernels[a]
+        k2 = chain.kernels[b][0]
+        junctions.append(symmetries.Junction(
+            name=f"{first.name} -> {second.name}",
+            in_kernel=var_list[k1],
+            in_bias=var_list[b1] if b1 is not None else None,
+            out_kernel=var_list[k2],
+            groups=("gl",),
+            activation=f"leaky_relu({slope:g}), data-dependent",
+        ))
+        indices.append(objectives.JunctionIndices(
+            group=groups_lib.get("gl"),
+            width=int(first.units),
+            in_indices=(k1,) if b1 is None else (k1, b1),
+            out_index=k2,
+        ))
+    return tuple(junctions), tuple(indices)
+
+
+def _loss_function(model):
+    """The model's compiled loss as `fn(y_true, y_pred) -> scalar`."""
+    loss = getattr(model, "loss", None)
+    if loss is None or isinstance(loss, (list, tuple, dict)):
+        raise ValueError(
+            "The data-dependent GL action needs a model compiled with a "
+            f"single loss; {model.name!r} has loss={loss!r}."
+        )
+    loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    return lambda y_true, y_pred: tf.reduce_mean(loss(y_true, y_pred))
 
 
 def _write(targets, values, distribution=None):
