@@ -10,7 +10,9 @@ import dataclasses
 
 import tensorflow as tf
 
-OBJECTIVES = ("grad_norm",)
+# "none" moves nothing and only applies the slot policy: the control run
+# that separates what a teleport buys from what a state reset buys.
+OBJECTIVES = ("grad_norm", "none")
 
 
 @dataclasses.dataclass(frozen=True)

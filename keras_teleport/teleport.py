@@ -111,7 +111,10 @@ class Teleport(keras.optimizers.Optimizer):
             algebra (dimensionless). Defaults to `0.5`.
         objective: What the teleport maximises. `"grad_norm"`: the squared
             norm of the gradient of the moved variables on the current
-            mini-batch. Defaults to `"grad_norm"`.
+            mini-batch (on the teleport batch for the data-dependent
+            action). `"none"`: move nothing, only apply the `slots` policy
+            at the scheduled steps (a reset-only control run). Defaults to
+            `"grad_norm"`.
         max_grad_norm_ratio: Cap on the growth of that gradient norm in one
             teleport (the orbit is unbounded). Must be > 1. Defaults to
             `5.0`.
@@ -119,8 +122,25 @@ class Teleport(keras.optimizers.Optimizer):
             `"transport"`.
         group: `"auto"` (the widest exact group of each junction: GL for
             linear activations, positive scaling otherwise), `"scaling"` or
-            `"gl"` (junctions where GL is not exact are left out). Defaults
+            `"gl"`. With `"gl"` on a Sequential model with leaky_relu
+            junctions, the paper's data-dependent action applies (see
+            `keras_teleport.TeleportData`); it runs after the optimizer's
+            update of the step before the scheduled one, so the scheduled
+            step's gradient is computed at the teleported point, and takes
+            plain ascent steps of `teleport_lr` on the squared gradient norm
+            (the reference's rule, so its step sizes carry over). Defaults
             to `"auto"`.
+        form: Data-dependent action only: `"iclr"` (refit the outgoing
+            kernel) or `"neurips"` (refit the incoming one). Defaults to
+            `"iclr"`.
+        parametrization: Data-dependent action only: `"identity_plus"`
+            (`g = I + T`, as the reference; compiles with XLA) or `"expm"`
+            (`g = expm(T)`, always invertible; its gradient does not compile
+            with XLA). Defaults to `"identity_plus"`.
+        loss_tolerance: Data-dependent action only: largest relative change
+            of the loss on the teleport batch a teleport may cause; above
+            it the teleport is rolled back. `None` disables the guard (the
+            reference has none). Defaults to `0.05`.
         name: Name of the optimizer. Defaults to `None`.
 
     Example:
@@ -367,7 +387,7 @@ class Teleport(keras.optimizers.Optimizer):
             slots = slots_lib.resolve(self.inner_optimizer, var_list)
         resets = []
         if self.teleports and self.slots == "reset":
-            resets = self._initial_fills()
+            resets = self._initial_fills(var_list)
             self._follow_global_step()
         records = []
         for junction, index in zip(junctions, indices):
@@ -446,24 +466,42 @@ class Teleport(keras.optimizers.Optimizer):
             autograph=False,
         )
 
-    def _initial_fills(self):
-        """Each inner slot with the constant it starts from, for resets."""
+    def _initial_fills(self, var_list):
+        """Each inner slot with the constant it starts from, for resets.
+
+        Read off a twin of the inner optimizer built eagerly: the inner one
+        may be built inside a trace, where its values cannot be read.
+        """
         inner = self.inner_optimizer
-        skip = {id(inner._iterations), id(getattr(inner, "_learning_rate", None))}
         fills = []
         with tf.init_scope():
-            for variable in inner.variables:
-                if id(variable) in skip:
-                    continue
-                value = keras.ops.convert_to_numpy(variable)
-                flat = value.reshape(-1)
-                if flat.size and not (flat == flat[0]).all():
-                    raise ValueError(
-                        f"slots='reset' needs {type(inner).__name__}'s slot "
-                        f"{variable.path!r} to start from a constant, and it "
-                        "does not. Use slots='keep'."
-                    )
-                fills.append((variable, flat[0] if flat.size else 0))
+            twin = type(inner).from_config(inner.get_config())
+            twin.build(var_list)
+            skip = {id(twin._iterations),
+                    id(getattr(twin, "_learning_rate", None))}
+            values = [
+                keras.ops.convert_to_numpy(v) for v in twin.variables
+                if id(v) not in skip
+            ]
+        variables = [
+            v for v in inner.variables
+            if v is not inner._iterations
+            and v is not getattr(inner, "_learning_rate", None)
+        ]
+        if len(values) != len(variables):
+            raise ValueError(
+                f"slots='reset' could not match the variables of "
+                f"{type(inner).__name__}; use slots='keep'."
+            )
+        for variable, value in zip(variables, values):
+            flat = value.reshape(-1)
+            if flat.size and not (flat == flat[0]).all():
+                raise ValueError(
+                    f"slots='reset' needs {type(inner).__name__}'s slot "
+                    f"{variable.path!r} to start from a constant, and it "
+                    "does not. Use slots='keep'."
+                )
+            fills.append((variable, flat[0] if flat.size else 0))
         return fills
 
     def _follow_global_step(self):
@@ -601,7 +639,15 @@ class Teleport(keras.optimizers.Optimizer):
         plan = self._plan
         x, y = self._teleport_batch()
         weights = [tf.convert_to_tensor(v) for v in self._trainable_variables]
-        ts, moved, f0, f1 = plan.data_ascent(weights, x, y)
+        if self.objective == "none":
+            ts = [tf.zeros([j.width] * 2, weights[0].dtype)
+                  for j in plan.indices]
+            moved = weights
+            _, f0 = data_dependent.squared_grad_norm(
+                plan.loss_fn, plan.chain, weights, x, y)
+            f1 = f0
+        else:
+            ts, moved, f0, f1 = plan.data_ascent(weights, x, y)
         before = plan.loss_fn(y, data_dependent.forward(plan.chain, weights, x))
         after = plan.loss_fn(y, data_dependent.forward(plan.chain, moved, x))
         drift = tf.abs(after - before) / tf.maximum(tf.abs(before), 1e-12)
@@ -726,7 +772,13 @@ class Teleport(keras.optimizers.Optimizer):
     def _compute(self, shared, local):
         """Pure: (accepted, moved local grads, new values of `_targets`)."""
         plan = self._plan
-        elements, f0, f1, taken = plan.ascent(shared)
+        if self.objective == "none":
+            dtype = next(iter(shared.values())).dtype
+            elements = [j.group.identity(j.width, dtype) for j in plan.indices]
+            f0 = f1 = objectives.squared_norm(shared)
+            taken = tf.constant(1)
+        else:
+            elements, f0, f1, taken = plan.ascent(shared)
         values, accepted = self._teleported_values(elements, taken > 0, f0, f1)
         moved_local = objectives.transport(
             plan.indices, elements, local, "linear"
