@@ -24,6 +24,9 @@ OPTIMIZERS = {
     "adam_amsgrad": lambda lr: keras.optimizers.Adam(lr, amsgrad=True),
 }
 
+# The four optimizer families, in their plain form.
+BASE_OPTIMIZERS = ["adagrad", "adam", "rmsprop", "sgd"]
+
 # compile() keyword arguments of each execution mode.
 MODES = {
     "graph": dict(run_eagerly=False, jit_compile=False),
@@ -101,11 +104,12 @@ def max_abs_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
 
 
-def assert_outputs_close(actual, expected, rtol=1e-5):
-    """Closeness relative to the largest output magnitude."""
+def assert_outputs_close(actual, expected, rtol=1e-5, atol=0.0):
+    """Closeness relative to the largest output magnitude (or `atol`)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     scale = max(float(np.max(np.abs(expected))), 1e-6)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(actual, expected, rtol=0,
+                               atol=max(rtol * scale, atol))
 
 
 # Independent math ---------------------------------------------------------
@@ -156,6 +160,19 @@ def mlp_forward_np(weights, activation, use_bias, x):
         if i < len(kernels) - 1:
             h = act(h)
     return h
+
+
+def abs_forward_np(weights, use_bias, x):
+    """The forward pass on absolute values: bounds every partial sum of the
+    float32 forward pass (relu, leaky_relu and linear have |s(t)| <= |t|)."""
+    return mlp_forward_np([np.abs(w) for w in weights], "linear", use_bias,
+                          np.abs(x))
+
+
+def float32_error_bound(weights, use_bias, x, factor=32):
+    """A bound on the float32 rounding error of the MLP's outputs."""
+    return factor * np.finfo(np.float32).eps * float(
+        np.max(abs_forward_np(weights, use_bias, x)))
 
 
 def tape_gradients(model, weights, x, y, loss_fn=None):
