@@ -66,12 +66,14 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="training epochs per run")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per variant, seeds 0..N-1 (averaged)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"comma list from {sorted(OPTIMIZERS)}")
-    parser.add_argument("--out", default="runs/mnist_teleport")
+    parser.add_argument("--out", default="runs/mnist_teleport",
+                        help="output directory")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="train on the first N examples only")
     parser.add_argument("--every", type=int, default=0,
@@ -79,10 +81,14 @@ def parse_args(argv=None):
     parser.add_argument("--teleport-lr", type=float, default=0.05,
                         help="Teleport's teleport_lr (the library's default "
                         "0.5 diverges here, see the module docstring)")
-    parser.add_argument("--max-grad-norm-ratio", type=float, default=5.0)
+    parser.add_argument("--max-grad-norm-ratio", type=float, default=5.0,
+                        help="Teleport's cap on the gradient-norm growth "
+                        "of one teleport")
     parser.add_argument("--slots", default="transport",
-                        choices=("transport", "reset", "keep"))
-    parser.add_argument("--steps-per-execution", type=int, default=50)
+                        choices=("transport", "reset", "keep"),
+                        help="what teleports do to the optimizer's state")
+    parser.add_argument("--steps-per-execution", type=int, default=50,
+                        help="train steps per compiled call (speed only)")
     args = parser.parse_args(argv)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = sorted(set(args.optimizers) - set(OPTIMIZERS))
