@@ -101,6 +101,8 @@ def parse_args(argv=None):
                         help="train on the first N training examples only")
     parser.add_argument("--out", default="runs/mnist_optimizers")
     parser.add_argument("--steps-per-execution", type=int, default=50)
+    parser.add_argument("--scaling-lr", type=float, default=SCALING_LR,
+                        help="teleport_lr of the `scaling` variant")
     args = parser.parse_args(argv)
     for kind, known in (("optimizers", OPTIMIZERS), ("variants", VARIANTS)):
         chosen = [v.strip() for v in getattr(args, kind).split(",") if v.strip()]
@@ -110,6 +112,8 @@ def parse_args(argv=None):
                          f"choose from {list(known)}")
         # Keep the canonical order, whatever the command line's.
         setattr(args, kind, [v for v in known if v in chosen])
+    if not args.scaling_lr > 0:
+        parser.error("--scaling-lr must be > 0")
     if args.epochs < 1 or args.seeds < 1 or args.steps_per_execution < 1:
         parser.error("--epochs, --seeds and --steps-per-execution must be >= 1")
     if args.train_limit is not None and not (
@@ -152,7 +156,8 @@ def teleport_epoch(name, epochs):
     return epoch if epoch < epochs else 0
 
 
-def make_optimizer(name, variant, steps_per_epoch, epochs):
+def make_optimizer(name, variant, steps_per_epoch, epochs,
+                   scaling_lr=SCALING_LR):
     """The optimizer of one run: the bare one or a `Teleport` around it."""
     inner = OPTIMIZERS[name][1]()
     if variant == "plain":
@@ -162,7 +167,7 @@ def make_optimizer(name, variant, steps_per_epoch, epochs):
     if variant == "scaling":
         return keras_teleport.Teleport(
             inner, group="scaling", slots="transport", at_steps=at_steps,
-            teleport_lr=SCALING_LR, steps=ASCENT_STEPS,
+            teleport_lr=scaling_lr, steps=ASCENT_STEPS,
         )
     kwargs = dict(group="gl", at_steps=at_steps, steps=ASCENT_STEPS,
                   teleport_lr=OPTIMIZERS[name][3], loss_tolerance=None)
@@ -219,7 +224,8 @@ def train_one(name, variant, seed, data, args):
     keras.utils.set_random_seed(seed)
     model = build_model(seed)
     steps_per_epoch = math.ceil(len(x_train) / BATCH_SIZE)
-    optimizer = make_optimizer(name, variant, steps_per_epoch, args.epochs)
+    optimizer = make_optimizer(name, variant, steps_per_epoch, args.epochs,
+                               args.scaling_lr)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -378,12 +384,14 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
+# Line style (and marker) per variant; one color per optimizer.
 STYLES = {
-    "plain": ":",
-    "teleport": "-",
-    "reset-only": "--",
-    "transport": "-.",
-    "scaling": (0, (6, 1.5, 1, 1.5, 1, 1.5)),
+    "plain": dict(linestyle=":"),
+    "teleport": dict(linestyle="-"),
+    "reset-only": dict(linestyle="--"),
+    "transport": dict(linestyle="-."),
+    "scaling": dict(linestyle=(0, (5, 1.5, 1, 1.5, 1, 1.5)), marker="x",
+                    markersize=4),
 }
 
 
@@ -404,7 +412,7 @@ def plot(runs, args, path):
                               label=OPTIMIZERS[name][0]))
         for variant in args.variants:
             losses, low, high, seconds = mean_curve(runs[(name, variant)])
-            style = dict(color=color, linestyle=STYLES[variant], lw=1.4)
+            style = dict(color=color, lw=1.4, **STYLES[variant])
             epochs = np.arange(len(losses))
             axes[0].plot(epochs, losses, **style)
             axes[1].plot(seconds, losses, **style)
@@ -415,15 +423,20 @@ def plot(runs, args, path):
                                      alpha=0.08, lw=0)
     handles.append(Line2D([], [], linestyle="", label=""))
     for variant in args.variants:
-        handles.append(Line2D([], [], color="gray", lw=1.4,
-                              linestyle=STYLES[variant], label=variant))
+        handles.append(Line2D([], [], color="gray", lw=1.4, label=variant,
+                              **STYLES[variant]))
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training wall-clock, s (fit only; includes tracing "
                        "and the teleport's XLA compile)")
     n = args.train_limit or 50000
-    axes[0].set_ylabel(f"training loss (all {n} training examples)")
+    axes[0].set_ylabel(f"training loss, all {n} examples (clipped)")
+    # Diverging runs would squeeze the others: clip above the initial loss.
+    curves = np.array([r["losses"] for g in runs.values() for r in g])
+    finite = curves[np.isfinite(curves)]
+    start = float(np.nanmax(curves[:, 0]))
     for ax in axes:
         ax.set_yscale("log")
+        ax.set_ylim(0.95 * float(finite.min()), 1.1 * start)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     seeds = (f"mean of {args.seeds} seeds, min-max band" if args.seeds > 1
@@ -465,7 +478,7 @@ def write_outputs(runs, args, elapsed):
         f"Teleports: data-dependent GL, {ASCENT_STEPS} ascent steps on a "
         f"fresh batch of {TELEPORT_BATCH}, before each of the first "
         f"{TELEPORTS} mini-batches of the teleport epoch ({schedule}); "
-        f"scaling: teleport_lr {SCALING_LR:g}, same steps."
+        f"scaling: teleport_lr {args.scaling_lr:g}, same steps."
     )
     (out / "results.md").write_text(f"{table}\n\n{note}\n")
     with open(out / "results.csv", "w", newline="") as f:
