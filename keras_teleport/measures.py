@@ -1,0 +1,329 @@
+"""Sharpness and curvature measures of a model at its current weights.
+
+Every measure evaluates the model at other weights with
+`model.stateless_call`, so the model is never modified; each is one compiled
+function per batch, seeded, and averaged over batches weighted by their
+size.
+
+- `sharpness(kind="paper")`: the ICLR'24 definition, the mean loss
+  `L(w + r d / ||d||)` over radii `r` and directions `d ~ U[0, 1]^P`.
+- `sharpness(kind="isotropic")`: the usual one, the mean loss *change*
+  `L(w + r d / ||d||) - L(w)` with `d` uniform on the sphere.
+- `orbit_curvature`: the mean curvature at `t = 0` of the orbit curves
+  `t -> expm(t M) · w` over random Lie-algebra directions `M`; data-free.
+- `hessian_top_eigenvalue` (power iteration on Hessian-vector products) and
+  `hessian_trace` (Hutchinson's estimator with Rademacher vectors).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_teleport import symmetries
+
+DEFAULT_RADII = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2)
+
+
+def _loss_fn(model, loss):
+    if loss is not None:
+        return keras.losses.get(loss)
+    from keras_teleport.teleport import _loss_function
+
+    return _loss_function(model)
+
+
+def _batches(x, y, batch_size):
+    n = len(x)
+    size = n if batch_size is None else batch_size
+    for start in range(0, n, size):
+        yield x[start:start + size], y[start:start + size]
+
+
+def _model_loss(model, loss_fn):
+    """`f(trainable values, x, y) -> mean loss` that never touches state."""
+    non_trainable = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
+
+    def f(trainable, x, y):
+        outputs, _ = model.stateless_call(trainable, non_trainable, x)
+        return loss_fn(y, outputs)
+
+    return f
+
+
+def _averaged(compiled, x, y, batch_size, *args):
+    total, count = 0.0, 0
+    for bx, by in _batches(x, y, batch_size):
+        total += float(compiled(tf.convert_to_tensor(bx), tf.convert_to_tensor(by), *args)) * len(bx)
+        count += len(bx)
+    return total / count
+
+
+def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
+              seed=0, loss=None, batch_size=None):
+    """Mean loss around the weights, the paper's way or the isotropic way.
+
+    Args:
+        model: A built `keras.Model`.
+        x: Inputs (array).
+        y: Targets (array).
+        kind: `"paper"` (mean of `L(w + r d/||d||)`, `d ~ U[0,1]^P`) or
+            `"isotropic"` (mean of `L(w + r d/||d||) - L(w)`, `d` uniform on
+            the sphere). Defaults to `"paper"`.
+        radii: Radii `r`. Defaults to `DEFAULT_RADII` (0.001 to 0.2).
+        directions: Random directions per radius. Defaults to `10`.
+        seed: Seed of the directions; the same directions serve every
+            batch. Defaults to `0`.
+        loss: Loss (name or callable); defaults to the compiled one.
+        batch_size: Examples per evaluation, or `None` for all at once.
+            Defaults to `None`.
+
+    Returns:
+        A Python float.
+    """
+    if kind not in ("paper", "isotropic"):
+        raise ValueError(
+            f"Unknown `kind` {kind!r}. Accepted values: ['paper', 'isotropic']."
+        )
+    if not _is_positive_int(directions):
+        raise ValueError(
+            f"`directions` must be a positive integer. Received: {directions!r}"
+        )
+    f = _model_loss(model, _loss_fn(model, loss))
+    weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(seed)
+    dirs = []
+    for _ in range(directions):
+        if kind == "paper":
+            d = [rng.uniform(size=w.shape) for w in weights]
+        else:
+            d = [rng.normal(size=w.shape) for w in weights]
+        norm = np.sqrt(sum((a ** 2).sum() for a in d))
+        dirs.append([tf.constant(a / norm, w.dtype) for a, w in zip(d, weights)])
+    radii = [float(r) for r in radii]
+
+    @tf.function(autograph=False)
+    def batch_value(bx, by):
+        base = f(weights, bx, by)
+        values = []
+        for d in dirs:
+            for r in radii:
+                moved = [w + r * u for w, u in zip(weights, d)]
+                values.append(f(moved, bx, by))
+        mean = tf.reduce_mean(tf.stack(values))
+        return mean - base if kind == "isotropic" else mean
+
+    return _averaged(batch_value, x, y, batch_size)
+
+
+def curve_curvature(first, second):
+    """Curvature of a curve from its first and second derivatives.
+
+    `kappa = sqrt(|g'|^2 |g''|^2 - (g' . g'')^2) / |g'|^3`, for lists of
+    tensors taken together as one vector.
+    """
+    dot = lambda a, b: tf.add_n([tf.reduce_sum(p * q) for p, q in zip(a, b)])
+    v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
+    return tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
+
+
+def orbit_derivatives(curve, t0=0.0):
+    """`(gamma'(t0), gamma''(t0))` of `curve(t) -> list of tensors`.
+
+    Forward-mode automatic differentiation, nested for the second
+    derivative.
+    """
+    t = tf.constant(t0, tf.float32)
+    one = tf.constant(1.0, tf.float32)
+    # Nested accumulators on the same `t` give d/dt and d2/dt2.
+    with tf.autodiff.ForwardAccumulator(t, one) as outer:
+        with tf.autodiff.ForwardAccumulator(t, one) as inner:
+            points = curve(t)
+        first = [inner.jvp(p) for p in points]
+    second = [outer.jvp(d) for d in first]
+    return first, second
+
+
+def _exp_jet(a):
+    """`I + a + a^2/2`: agrees with `expm(a)` to second order.
+
+    The curvature needs the curve's first two derivatives at `t = 0`, where
+    this polynomial and `expm(t M)` agree. Nested forward-mode derivatives
+    of `tf.linalg.expm` come out wrong in TF 2.21 (the second derivative of
+    `expm(tM)` at 0 as `3 M^2`, and a cubic term of `t` also leaks into
+    it), while this quadratic differentiates exactly.
+    """
+    eye = tf.eye(a.shape[0], dtype=a.dtype)
+    return eye + a + tf.matmul(a, a) / 2
+
+
+def _junction_curve(junctions, directions, exp=None):
+    """The orbit curve `t -> expm(t M)·w` over all junctions at once.
+
+    `exp` computes the matrix exponential; `_exp_jet` (the default) for
+    derivatives at `t = 0`, `tf.linalg.expm` for points along the curve.
+    """
+    exp = exp or _exp_jet
+    weights = {}
+    for j in junctions:
+        for v in (j.in_kernel, j.in_bias, j.out_kernel):
+            if v is not None:
+                weights[id(v)] = tf.convert_to_tensor(v)
+
+    def curve(t):
+        moved = dict(weights)
+        for j, m in zip(junctions, directions):
+            m = tf.cast(m, moved[id(j.in_kernel)].dtype)
+            t = tf.cast(t, m.dtype)
+            g = exp(t * m)
+            g_inv = exp(-t * m)
+            moved[id(j.in_kernel)] = tf.matmul(moved[id(j.in_kernel)], g)
+            if j.in_bias is not None:
+                moved[id(j.in_bias)] = tf.linalg.matvec(
+                    g, moved[id(j.in_bias)], transpose_a=True)
+            moved[id(j.out_kernel)] = tf.matmul(g_inv, moved[id(j.out_kernel)])
+        return list(moved.values())
+
+    return curve
+
+
+def orbit_curvature(model, directions=10, group="auto", seed=0):
+    """Mean curvature of the symmetry orbits through the current weights.
+
+    For each random direction `M` (one `h x h` matrix per junction, entries
+    `U[0, 1]`, unit Frobenius norm over all junctions; diagonal for the
+    scaling group), the curvature at `t = 0` of `gamma(t) = expm(t M)·w`,
+    with derivatives from forward-mode autodiff. Data-free.
+
+    Args:
+        model: A built `keras.Model` with exact junctions
+            (`keras_teleport.find_symmetries`).
+        directions: Number of random directions. Defaults to `10`.
+        group: `"auto"` (GL where exact, scaling elsewhere), `"scaling"` or
+            `"gl"` (only junctions where GL is exact). Defaults to `"auto"`.
+        seed: Seed of the directions. Defaults to `0`.
+
+    Returns:
+        A Python float.
+    """
+    if group not in ("auto", "scaling", "gl"):
+        raise ValueError(
+            f"Unknown `group` {group!r}. Accepted values: "
+            "['auto', 'scaling', 'gl']."
+        )
+    found = symmetries.find_symmetries(model)
+    junctions, diagonal = [], []
+    for j in found.junctions:
+        chosen = j.groups[-1] if group == "auto" else group
+        if chosen in j.groups:
+            junctions.append(j)
+            diagonal.append(chosen == "scaling")
+    if not junctions:
+        raise ValueError(
+            f"Model {model.name!r} has no junction for group={group!r}:\n"
+            + found.describe()
+        )
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(directions):
+        ms = []
+        for j, diag in zip(junctions, diagonal):
+            m = rng.uniform(size=(j.width, j.width))
+            ms.append(np.diag(np.diag(m)) if diag else m)
+        norm = np.sqrt(sum((m ** 2).sum() for m in ms))
+        ms = [tf.constant(m / norm, tf.float32) for m in ms]
+        first, second = orbit_derivatives(_junction_curve(junctions, ms))
+        values.append(float(curve_curvature(first, second)))
+    return float(np.mean(values))
+
+
+def _hvp_fn(model, loss_fn):
+    f = _model_loss(model, loss_fn)
+
+    @tf.function(autograph=False)
+    def hvp(weights, vector, bx, by):
+        with tf.autodiff.ForwardAccumulator(weights, vector) as acc:
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss = f(weights, bx, by)
+            grads = tape.gradient(loss, weights)
+        return [acc.jvp(g) for g in grads]
+
+    return hvp
+
+
+def _batched_hvp(hvp, weights, vector, x, y, batch_size):
+    total, count = None, 0
+    for bx, by in _batches(x, y, batch_size):
+        out = hvp(weights, vector, tf.convert_to_tensor(bx), tf.convert_to_tensor(by))
+        out = [o * len(bx) for o in out]
+        total = out if total is None else [a + b for a, b in zip(total, out)]
+        count += len(bx)
+    return [t / count for t in total]
+
+
+def hessian_top_eigenvalue(model, x, y, iterations=20, seed=0, loss=None,
+                           batch_size=None):
+    """Largest-magnitude Hessian eigenvalue by power iteration.
+
+    Each iteration is one Hessian-vector product (forward-over-reverse
+    autodiff) averaged over batches; returns the Rayleigh quotient of the
+    last iterate.
+
+    Args:
+        model: A built `keras.Model`.
+        x: Inputs (array).
+        y: Targets (array).
+        iterations: Power iterations. Defaults to `20`.
+        seed: Seed of the start vector. Defaults to `0`.
+        loss: Loss; defaults to the compiled one.
+        batch_size: Examples per Hessian-vector product, or `None` for all.
+            Defaults to `None`.
+
+    Returns:
+        A Python float.
+    """
+    hvp = _hvp_fn(model, _loss_fn(model, loss))
+    weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(seed)
+    v = [tf.constant(rng.normal(size=w.shape), w.dtype) for w in weights]
+    value = 0.0
+    for _ in range(iterations):
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(a * a) for a in v]))
+        v = [a / norm for a in v]
+        hv = _batched_hvp(hvp, weights, v, x, y, batch_size)
+        value = float(tf.add_n([tf.reduce_sum(a * b) for a, b in zip(v, hv)]))
+        v = hv
+    return value
+
+
+def hessian_trace(model, x, y, samples=20, seed=0, loss=None,
+                  batch_size=None):
+    """Hutchinson's estimate of the Hessian trace, `mean v^T H v`.
+
+    Args:
+        model: A built `keras.Model`.
+        x: Inputs (array).
+        y: Targets (array).
+        samples: Rademacher vectors `v`. Defaults to `20`.
+        seed: Seed of the vectors. Defaults to `0`.
+        loss: Loss; defaults to the compiled one.
+        batch_size: Examples per Hessian-vector product, or `None` for all.
+            Defaults to `None`.
+
+    Returns:
+        A Python float.
+    """
+    hvp = _hvp_fn(model, _loss_fn(model, loss))
+    weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        v = [tf.constant(rng.choice([-1.0, 1.0], size=w.shape), w.dtype)
+             for w in weights]
+        hv = _batched_hvp(hvp, weights, v, x, y, batch_size)
+        values.append(float(tf.add_n([tf.reduce_sum(a * b) for a, b in zip(v, hv)])))
+    return float(np.mean(values))
+
+
+def _is_positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
