@@ -1,5 +1,6 @@
 """keras-teleport: symmetry teleportation for Keras 3 optimizers."""
 
+from keras_teleport.callbacks import MeasuresLogger
 from keras_teleport.callbacks import TeleportData
 from keras_teleport.callbacks import TeleportLogger
 from keras_teleport.groups import DiagonalScaling
@@ -10,6 +11,7 @@ from keras_teleport.symmetries import RefusedJunction
 from keras_teleport.symmetries import Symmetries
 from keras_teleport.symmetries import find_symmetries
 from keras_teleport.teleport import Teleport
+from keras_teleport import measures
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,7 @@ __all__ = [
     "DiagonalScaling",
     "GeneralLinear",
     "Junction",
+    "MeasuresLogger",
     "RefusedJunction",
     "SymmetricDensePair",
     "Symmetries",
@@ -24,4 +27,5 @@ __all__ = [
     "TeleportData",
     "TeleportLogger",
     "find_symmetries",
+    "measures",
 ]

@@ -126,3 +126,83 @@ class TeleportData(keras.callbacks.Callback):
             (teleport.every is not None) or 0 in (teleport.at_steps or ())
         ):
             teleport.teleport_now()
+
+
+class MeasuresLogger(keras.callbacks.Callback):
+    """Logs sharpness and curvature measures during `fit`.
+
+    Every `every` epochs, computes the chosen measures of
+    `keras_teleport.measures` on `(x, y)` at the current weights and adds
+    them to the epoch's `logs` as `measure/<name>`, so `History`,
+    `CSVLogger` and `TensorBoard` record them (place it before those).
+    With `verbose=1` a progress bar shows while the measures run.
+
+    Available measures: `"sharpness"` (the paper's), `"isotropic_sharpness"`,
+    `"orbit_curvature"` (data-free), `"hessian_top_eigenvalue"`,
+    `"hessian_trace"`.
+
+    Args:
+        x: Inputs to measure on.
+        y: Their targets.
+        measures: Names of the measures. Defaults to
+            `("sharpness", "orbit_curvature")`.
+        every: Epoch period. Defaults to `1`.
+        seed: Seed of every measure's random directions. Defaults to `0`.
+        batch_size: Examples per evaluation, or `None` for all at once.
+            Defaults to `None`.
+        verbose: `1` for a progress bar. Defaults to `0`.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=20, callbacks=[
+        keras_teleport.MeasuresLogger(x_val[:2000], y_val[:2000], every=5),
+        keras.callbacks.TensorBoard("logs"),
+    ])
+    ```
+
+    References:
+        - Zhao et al., "Improving Convergence and Generalization Using
+          Parameter Symmetries", ICLR 2024, Section 4.
+    """
+
+    def __init__(self, x, y, measures=("sharpness", "orbit_curvature"),
+                 every=1, seed=0, batch_size=None, verbose=0):
+        super().__init__()
+        from keras_teleport import measures as measures_lib
+
+        table = {
+            "sharpness": lambda m: measures_lib.sharpness(
+                m, x, y, seed=seed, batch_size=batch_size),
+            "isotropic_sharpness": lambda m: measures_lib.sharpness(
+                m, x, y, kind="isotropic", seed=seed, batch_size=batch_size),
+            "orbit_curvature": lambda m: measures_lib.orbit_curvature(
+                m, seed=seed),
+            "hessian_top_eigenvalue": lambda m: (
+                measures_lib.hessian_top_eigenvalue(
+                    m, x, y, seed=seed, batch_size=batch_size)),
+            "hessian_trace": lambda m: measures_lib.hessian_trace(
+                m, x, y, seed=seed, batch_size=batch_size),
+        }
+        unknown = [m for m in measures if m not in table]
+        if unknown or not measures:
+            raise ValueError(
+                f"Unknown `measures` {unknown or measures!r}. Accepted "
+                f"values: {sorted(table)}."
+            )
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(
+                f"`every` must be a positive integer. Received: every={every!r}"
+            )
+        self.measures = tuple(measures)
+        self.every = every
+        self.verbose = verbose
+        self._table = table
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        bar = keras.utils.Progbar(len(self.measures), verbose=self.verbose)
+        for n, name in enumerate(self.measures):
+            logs[f"measure/{name}"] = self._table[name](self.model)
+            bar.update(n + 1)

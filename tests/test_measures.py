@@ -214,3 +214,23 @@ def test_bad_arguments():
         measures.sharpness(model, x, y, directions=0)
     with pytest.raises(ValueError, match="group"):
         measures.orbit_curvature(model, group="nope")
+
+
+def test_measures_logger_adds_logs_and_tensorboard_runs(tmp_path):
+    import keras_teleport
+
+    model, x, y = small_model()
+    model.compile(optimizer="sgd", loss=XENT)
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[
+        keras_teleport.MeasuresLogger(x, y, measures=("sharpness",
+                                                      "orbit_curvature"),
+                                      every=2),
+        keras.callbacks.TensorBoard(str(tmp_path)),
+    ])
+    # Only epoch 2 is measured; its value equals a direct computation.
+    assert history.history["measure/sharpness"] == [
+        pytest.approx(measures.sharpness(model, x, y), rel=1e-6)]
+    assert history.history["measure/orbit_curvature"][0] > 0
+    assert any(tmp_path.rglob("*.tfevents.*"))
+    with pytest.raises(ValueError, match="measures"):
+        keras_teleport.MeasuresLogger(x, y, measures=("nope",))
