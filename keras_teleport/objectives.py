@@ -10,9 +10,13 @@ import dataclasses
 
 import tensorflow as tf
 
+# "grad_norm" (needs the mini-batch gradient, which the train step has):
+#   maximise the gradient norm, for faster convergence.
+# "min_norm" (data-free): minimise the weight norm over positive scalings
+#   (equi-normalization).
 # "none" moves nothing and only applies the slot policy: the control run
-# that separates what a teleport buys from what a state reset buys.
-OBJECTIVES = ("grad_norm", "none")
+#   that separates what a teleport buys from what a state reset buys.
+OBJECTIVES = ("grad_norm", "min_norm", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +121,39 @@ def maximize_grad_norm(plan, grads, steps, learning_rate, max_ratio):
         lambda *_: True, body, state, maximum_iterations=steps
     )
     return elements, f0, f, taken
+
+
+def minimize_weight_norm(plan, weights, steps):
+    """Equi-normalization: the point of the scaling orbit of least norm.
+
+    For one junction, `||K1 d||^2 + ||b1 d||^2 + ||d^-1 K2||^2` is
+    `sum_k a_k d_k^2 + c_k / d_k^2` (`a_k`: squared norm of unit k's
+    incoming weights, `c_k`: of its outgoing ones), minimised at
+    `d_k^4 = c_k / a_k`, where both sides balance. Junctions that share a
+    kernel are balanced in turn, `steps` sweeps (Sinkhorn-like coordinate
+    descent; each sweep can only lower the norm). Units with no incoming or
+    no outgoing weight are left alone.
+
+    Args:
+        plan: list of `JunctionIndices` whose groups are `DiagonalScaling`.
+        weights: dict from position to weight tensor.
+        steps: Python int, the number of sweeps.
+
+    Returns:
+        One element (log-scales) per junction.
+    """
+    dtype = next(iter(weights.values())).dtype
+    elements = [j.group.identity(j.width, dtype) for j in plan]
+    for _ in range(steps):
+        for n, junction in enumerate(plan):
+            moved = transport(plan, elements, weights, "weight")
+            incoming = tf.add_n([
+                tf.reduce_sum(tf.square(tf.reshape(moved[i], [-1, junction.width])),
+                              axis=0)
+                for i in junction.in_indices
+            ])
+            outgoing = tf.reduce_sum(tf.square(moved[junction.out_index]), axis=1)
+            usable = tf.logical_and(incoming > 0, outgoing > 0)
+            ratio = tf.where(usable, outgoing, 1.0) / tf.where(usable, incoming, 1.0)
+            elements[n] = elements[n] + 0.25 * tf.math.log(ratio)
+    return elements

@@ -112,9 +112,11 @@ class Teleport(keras.optimizers.Optimizer):
         objective: What the teleport maximises. `"grad_norm"`: the squared
             norm of the gradient of the moved variables on the current
             mini-batch (on the teleport batch for the data-dependent
-            action). `"none"`: move nothing, only apply the `slots` policy
-            at the scheduled steps (a reset-only control run). Defaults to
-            `"grad_norm"`.
+            action); needs the mini-batch gradient. `"min_norm"`: the point
+            of least weight norm over positive scalings (equi-normalization,
+            data-free; `steps` balancing sweeps). `"none"`: move nothing,
+            only apply the `slots` policy at the scheduled steps (a
+            reset-only control run). Defaults to `"grad_norm"`.
         max_grad_norm_ratio: Cap on the growth of that gradient norm in one
             teleport (the orbit is unbounded). Must be > 1. Defaults to
             `5.0`.
@@ -241,6 +243,12 @@ class Teleport(keras.optimizers.Optimizer):
                 "`max_grad_norm_ratio` must be a finite number > 1. "
                 f"Received: max_grad_norm_ratio={max_grad_norm_ratio!r}"
             )
+        if objective == "min_norm" and group == "gl":
+            raise ValueError(
+                "objective='min_norm' balances positive scalings: use "
+                "group='scaling' or group='auto' (which then means scaling). "
+                f"Received: group={group!r}"
+            )
         if slots not in SLOT_POLICIES:
             raise ValueError(
                 f"Unknown `slots` policy {slots!r}. Accepted values: "
@@ -316,7 +324,7 @@ class Teleport(keras.optimizers.Optimizer):
         refused = [f"{r.name}: {r.reason}" for r in found.refused]
         for junction in found.junctions:
             wanted = "gl" if self.group == "gl" else "scaling"
-            if self.group == "auto":
+            if self.group == "auto" and self.objective != "min_norm":
                 wanted = junction.groups[-1]
             if wanted not in junction.groups:
                 refused.append(
@@ -776,6 +784,15 @@ class Teleport(keras.optimizers.Optimizer):
             dtype = next(iter(shared.values())).dtype
             elements = [j.group.identity(j.width, dtype) for j in plan.indices]
             f0 = f1 = objectives.squared_norm(shared)
+            taken = tf.constant(1)
+        elif self.objective == "min_norm":
+            weights = {p: tf.convert_to_tensor(self._trainable_variables[p])
+                       for p in plan.positions}
+            elements = objectives.minimize_weight_norm(
+                plan.indices, weights, self.steps)
+            f0 = objectives.squared_norm(shared)
+            f1 = objectives.squared_norm(
+                objectives.transport(plan.indices, elements, shared, "linear"))
             taken = tf.constant(1)
         else:
             elements, f0, f1, taken = plan.ascent(shared)

@@ -234,3 +234,35 @@ def test_measures_logger_adds_logs_and_tensorboard_runs(tmp_path):
     assert any(tmp_path.rglob("*.tfevents.*"))
     with pytest.raises(ValueError, match="measures"):
         keras_teleport.MeasuresLogger(x, y, measures=("nope",))
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_min_norm_teleport_balances_units_and_keeps_outputs(depth):
+    import keras_teleport
+
+    keras.utils.set_random_seed(depth)
+    layers = [keras.Input((5,))]
+    for _ in range(depth - 1):
+        layers.append(keras.layers.Dense(
+            6, activation="relu", kernel_initializer=keras.initializers.RandomNormal(stddev=2.0)))
+    layers.append(keras.layers.Dense(3))
+    model = keras.Sequential(layers)
+    opt = keras_teleport.Teleport(keras.optimizers.SGD(0.0), at_steps=[0],
+                                  objective="min_norm", steps=50)
+    model.compile(optimizer=opt, loss=XENT)
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+    before = model.predict(x, verbose=0)
+    norm_before = sum((w ** 2).sum() for w in model.get_weights())
+    model.fit(x, np.zeros(16), batch_size=16, verbose=0)
+    assert opt.teleport_metrics["teleports"] == 1
+    weights = model.get_weights()
+    np.testing.assert_allclose(model.predict(x, verbose=0), before,
+                               rtol=1e-4, atol=1e-5 * np.abs(before).max())
+    assert sum((w ** 2).sum() for w in weights) < norm_before
+    # At the minimum every hidden unit's incoming and outgoing squared
+    # norms are equal (d/dd_k of a d^2 + c / d^2 = 0).
+    kernels, biases = weights[0::2], weights[1::2]
+    for k in range(depth - 1):
+        incoming = (kernels[k] ** 2).sum(axis=0) + biases[k] ** 2
+        outgoing = (kernels[k + 1] ** 2).sum(axis=1)
+        np.testing.assert_allclose(incoming, outgoing, rtol=1e-3)
