@@ -142,9 +142,10 @@ def _dense_problems(layer, side, uses=1):
     if uses > 1:
         problems.append(f"{layer.name!r} is used more than once")
     if getattr(layer, "lora_enabled", False):
-        problems.append(f"{layer.name!r} has LoRA enabled")
+        # Its `kernel` is computed from the LoRA factors: nothing to move.
+        return problems + [f"{layer.name!r} has LoRA enabled"]
     if getattr(layer, "quantization_mode", None):
-        problems.append(f"{layer.name!r} is quantized")
+        return problems + [f"{layer.name!r} is quantized"]
     kernel_reg, kernel_con = _kernel_extras(layer, side)
     if kernel_reg is not None:
         problems.append(f"{layer.name!r} has a kernel regularizer")
