@@ -66,7 +66,7 @@ def squared_norm(tensors):
     return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors.values()])
 
 
-def maximize_grad_norm(plan, grads, steps, learning_rate, max_ratio):
+def maximize_grad_norm(plan, grads, steps, learning_rate, limit):
     """Ascends `||grad L(g·w)||^2` over the plan's groups.
 
     The gradient at `g·w` is the transported gradient, so no forward pass is
@@ -74,7 +74,7 @@ def maximize_grad_norm(plan, grads, steps, learning_rate, max_ratio):
     the loss's scale): every junction's element is multiplied by
     `exp(lr * grad_M / f)`, where `grad_M` is the Lie-algebra gradient of
     `f = ||G'||^2` at the current point. A step is kept only if `f` stays
-    finite, does not decrease and stays within `max_ratio^2 * f_0`;
+    finite, does not decrease and stays within `limit`;
     otherwise it is dropped and `lr` is halved (backtracking). The loop
     always runs `steps` times, which keeps it one static XLA while loop.
 
@@ -84,7 +84,7 @@ def maximize_grad_norm(plan, grads, steps, learning_rate, max_ratio):
             the plan's variables).
         steps: Python int, the number of ascent steps.
         learning_rate: step size in the Lie algebra of `log f`.
-        max_ratio: cap on `||G'|| / ||G||`.
+        limit: cap on `||G'||^2`.
 
     Returns:
         `(elements, f_0, f_final, steps_taken)`.
@@ -92,7 +92,7 @@ def maximize_grad_norm(plan, grads, steps, learning_rate, max_ratio):
     dtype = next(iter(grads.values())).dtype
     elements = [j.group.identity(j.width, dtype) for j in plan]
     f0 = squared_norm(grads)
-    limit = tf.cast(max_ratio, dtype) ** 2 * f0
+    limit = tf.cast(limit, dtype)
     lr = tf.cast(learning_rate, dtype)
 
     def body(taken, lr, elements, moved, f):

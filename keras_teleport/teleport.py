@@ -108,7 +108,7 @@ class Teleport(keras.optimizers.Optimizer):
             and matches the inner optimizer exactly. Defaults to `None`.
         steps: Ascent steps per teleport. Defaults to `10`.
         teleport_lr: Step size of the ascent on `log ||grad||^2` in the Lie
-            algebra (dimensionless). Defaults to `0.5`.
+            algebra (dimensionless). Defaults to `0.05`.
         objective: What the teleport maximises. `"grad_norm"`: the squared
             norm of the gradient of the moved variables on the current
             mini-batch (on the teleport batch for the data-dependent
@@ -117,9 +117,11 @@ class Teleport(keras.optimizers.Optimizer):
             data-free; `steps` balancing sweeps). `"none"`: move nothing,
             only apply the `slots` policy at the scheduled steps (a
             reset-only control run). Defaults to `"grad_norm"`.
-        max_grad_norm_ratio: Cap on the growth of that gradient norm in one
-            teleport (the orbit is unbounded). Must be > 1. Defaults to
-            `5.0`.
+        max_grad_norm_ratio: Cap on the growth of that gradient norm (the
+            orbit is unbounded). Teleports on consecutive steps count as
+            one burst, capped against the norm before its first teleport.
+            For the data-dependent action, the cap applies per teleport.
+            Must be > 1. Defaults to `5.0`.
         slots: `"transport"`, `"reset"` or `"keep"`. Defaults to
             `"transport"`.
         group: `"auto"` (the widest exact group of each junction: GL for
@@ -173,7 +175,7 @@ class Teleport(keras.optimizers.Optimizer):
         every=None,
         at_steps=None,
         steps=10,
-        teleport_lr=0.5,
+        teleport_lr=0.05,
         objective="grad_norm",
         max_grad_norm_ratio=5.0,
         slots="transport",
@@ -410,6 +412,10 @@ class Teleport(keras.optimizers.Optimizer):
                     name=f"group_element_{len(records)}",
                 )
             )
+        self._anchor = self.add_variable(
+            shape=(), dtype="float32", initializer="zeros",
+            name="grad_norm_anchor",
+        )
         self._counts = self.add_variable(
             shape=(2,), dtype="int64", initializer="zeros",
             name="teleport_counts",
@@ -431,10 +437,9 @@ class Teleport(keras.optimizers.Optimizer):
         fraction of a train step even when the train step itself is not
         compiled."""
 
-        def ascent(grads):
+        def ascent(grads, limit):
             return objectives.maximize_grad_norm(
-                indices, grads, self.steps, self.teleport_lr,
-                self.max_grad_norm_ratio,
+                indices, grads, self.steps, self.teleport_lr, limit
             )
 
         return tf.function(ascent, jit_compile=True, autograph=False)
@@ -468,11 +473,12 @@ class Teleport(keras.optimizers.Optimizer):
                 self.max_grad_norm_ratio, self.form, self.parametrization,
             )
 
-        # expm's gradient does not compile under XLA.
-        return tf.function(
-            ascent, jit_compile=self.parametrization != "expm",
-            autograph=False,
+        # XLA pays off on accelerators only: on CPU it compiles for
+        # seconds and runs no faster. expm's gradient does not compile.
+        jit = self.parametrization != "expm" and bool(
+            tf.config.list_logical_devices("GPU")
         )
+        return tf.function(ascent, jit_compile=jit, autograph=False)
 
     def _initial_fills(self, var_list):
         """Each inner slot with the constant it starts from, for resets.
@@ -632,10 +638,14 @@ class Teleport(keras.optimizers.Optimizer):
                 "call `optimizer.set_teleport_data(x, y)` before training."
             )
         x_pool, y_pool = plan.pool
-        count = tf.shape(x_pool)[0]
         seed = tf.stack([plan.seed, tf.cast(self._iterations, tf.int64)])
-        order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
-        take = order[: plan.pool_batch]
+        # The top k of uniform keys: a uniform draw without replacement,
+        # cheaper than sorting all keys.
+        # The variable's own shape: `tf.shape` would read (copy) it whole
+        # once it has been gathered from; XLA sees this as a constant.
+        count = tf.raw_ops.VariableShape(input=x_pool.handle)[0]
+        keys = tf.random.stateless_uniform([count], seed=seed)
+        take = tf.math.top_k(keys, plan.pool_batch, sorted=False).indices
         batch = [plan.pool_batch]
         return (
             tf.ensure_shape(tf.gather(x_pool, take), batch + list(plan.shapes[0])),
@@ -773,8 +783,9 @@ class Teleport(keras.optimizers.Optimizer):
         for n, record in enumerate(plan.records):
             targets.append(record)
             roles.append(("record", n, None))
-        targets += [self._counts, self._last]
-        roles += [("counts", None, None), ("last", None, None)]
+        targets += [self._anchor, self._counts, self._last]
+        roles += [("anchor", None, None), ("counts", None, None),
+                  ("last", None, None)]
         return targets, roles
 
     def _compute(self, shared, local):
@@ -795,14 +806,30 @@ class Teleport(keras.optimizers.Optimizer):
                 objectives.transport(plan.indices, elements, shared, "linear"))
             taken = tf.constant(1)
         else:
-            elements, f0, f1, taken = plan.ascent(shared)
+            anchor = self._grad_norm_anchor(objectives.squared_norm(shared))
+            limit = tf.cast(self.max_grad_norm_ratio, anchor.dtype) ** 2 * anchor
+            elements, f0, f1, taken = plan.ascent(shared, limit)
         values, accepted = self._teleported_values(elements, taken > 0, f0, f1)
+        if self.objective == "grad_norm":
+            values[-3] = tf.cast(anchor, tf.float32)
         moved_local = objectives.transport(
             plan.indices, elements, local, "linear"
         )
         grads = [tf.where(accepted, moved_local[p], local[p])
                  for p in plan.positions]
         return accepted, grads, values
+
+    def _grad_norm_anchor(self, f0):
+        """The squared gradient norm the growth cap is measured from.
+
+        Teleports on consecutive steps form one burst, capped against the
+        norm before its first teleport: per-teleport caps would compound
+        (eight teleports capped at 5x each allow 5^8x).
+        """
+        step = tf.cast(self._iterations, tf.int64)
+        in_burst = tf.logical_and(step > 0, self._is_teleport_step(step - 1))
+        stored = tf.cast(self._anchor, f0.dtype)
+        return tf.where(tf.logical_and(in_burst, stored > 0), stored, f0)
 
     def _teleported_values(self, elements, ok, f0, f1, weights=None,
                            drift=0.0):
@@ -868,7 +895,7 @@ class Teleport(keras.optimizers.Optimizer):
         values = [tf.where(accepted, v, c) for v, c in zip(values, currents)]
         values[-2] = counts
         values[-1] = tf.where(accepted, last, currents[-1])
-        return values, accepted
+        return values, accepted  # values[-3], the anchor, is the caller's
 
     # Forwarding to the inner optimizer ----------------------------------
 
@@ -898,6 +925,9 @@ class Teleport(keras.optimizers.Optimizer):
         - `distance`: how far the last teleport moved (root sum of squares of
           each junction's distance from the identity: `||log d||` for
           scaling, `||g - I||_F` for GL).
+        - `loss_drift`: the relative change of the loss on the teleport
+          batch at the last data-dependent teleport (0 for exact groups,
+          which keep the loss exactly).
         - `junction_distance/<junction>`: how far each junction has moved in
           total since training began.
         """
