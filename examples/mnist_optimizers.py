@@ -81,7 +81,7 @@ BATCH_SIZE = 20
 TELEPORTS = 8  # the first 8 mini-batches of the teleport epoch
 ASCENT_STEPS = 10
 TELEPORT_BATCH = 200
-SCALING_LR = 0.5
+SCALING_LR = 0.05  # keras_teleport.Teleport's default
 EVAL_BATCH = 10000
 
 
