@@ -111,6 +111,9 @@ ARCHITECTURES = [
     for use_bias in (True, False)
     # "auto" is "scaling" except through linear activations.
     for group in (("scaling", "auto") if activation == "linear" else ("auto",))
+    # GL teleports run eagerly are slow (expm): half of those cases suffice.
+    if not (activation == "linear" and group == "auto"
+            and (depth % 2 == 0) != use_bias)
 ]
 
 
@@ -162,7 +165,7 @@ def test_gl_teleport_is_not_diagonal_for_linear_models():
                          atol=float32_error_bound(after_w, True, x))
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_invariance_functional_with_layers_between(mode):
     keras.utils.set_random_seed(3)
     inputs = keras.Input((4,))
@@ -184,8 +187,10 @@ def test_invariance_functional_with_layers_between(mode):
     assert_outputs_close(model.predict(x, verbose=0), before)
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("group,hidden", [("scaling", "relu"), ("gl", "linear")])
+@pytest.mark.parametrize("group,hidden,mode", [
+    ("scaling", "relu", "graph"), ("scaling", "relu", "xla"),
+    ("gl", "linear", "eager"), ("gl", "linear", "graph"),
+])
 def test_invariance_symmetric_dense_pair(group, hidden, mode):
     keras.utils.set_random_seed(4)
     pair = SymmetricDensePair(6, 3, hidden_activation=hidden, group=group,

@@ -216,8 +216,9 @@ def run_history_then_teleport(factory, lr, group, slots, activation="relu",
     apply = optimizer.apply
     if mode != "eager":
         variables = model.trainable_variables
+        # autograph=False, as Keras' own train step (do_not_convert).
         apply = tf.function(lambda grads, _: optimizer.apply(grads, variables),
-                            jit_compile=(mode == "xla"))
+                            jit_compile=(mode == "xla"), autograph=False)
     history = []
     for x, y in data[:N_HISTORY]:
         grads = tape_gradients(model, weights_numpy(model), x, y)
