@@ -384,9 +384,10 @@ def test_maximize_grad_norm_result_is_consistent(group_name, act, max_ratio):
     rng, w, x, y = chain_problem(5, act)
     grads = chain_grads(w, x, y, act)
     plan = chain_plan(group_name)
+    norm0 = sum(np.sum(g**2) for g in grads)
     elements, f0, f1, taken = objectives.maximize_grad_norm(
         plan, {i: tf.constant(v) for i, v in enumerate(grads)},
-        steps=10, learning_rate=0.5, max_ratio=max_ratio,
+        steps=10, learning_rate=0.5, limit=max_ratio**2 * norm0,
     )
     if group_name == "scaling":
         mats = [np.diag(np.exp(e.numpy())) for e in elements]
@@ -395,7 +396,6 @@ def test_maximize_grad_norm_result_is_consistent(group_name, act, max_ratio):
         for g, g_inv in elements:
             np.testing.assert_allclose(g.numpy() @ g_inv.numpy(), np.eye(H),
                                        atol=1e-9)
-    norm0 = sum(np.sum(g**2) for g in grads)
     moved = chain_grads(chain_move_np(w, *mats), x, y, act)
     norm1 = sum(np.sum(g**2) for g in moved)
     np.testing.assert_allclose(float(f0), norm0, rtol=1e-10)
@@ -411,7 +411,7 @@ def test_maximize_grad_norm_with_zero_gradient_takes_no_step():
              2: tf.zeros([H, H], tf.float64), 3: tf.zeros([H], tf.float64),
              4: tf.zeros([H, OUT], tf.float64)}
     elements, f0, f1, taken = objectives.maximize_grad_norm(
-        plan, zeros, steps=3, learning_rate=0.5, max_ratio=5.0
+        plan, zeros, steps=3, learning_rate=0.5, limit=0.0
     )
     assert int(taken) == 0
     for e in elements:

@@ -28,6 +28,14 @@ def fit_with_teleports_only(model, optimizer, mode, x, y, teleports=TELEPORTS):
               batch_size=len(x), epochs=1, shuffle=False, verbose=0)
 
 
+def assert_teleported(optimizer):
+    """Every step attempted a teleport (every=1). Consecutive teleports
+    share one growth cap, so later ones of the burst may be rejected."""
+    metrics = optimizer.teleport_metrics
+    assert metrics["teleports"] + metrics["rejected"] == TELEPORTS, metrics
+    assert metrics["teleports"] >= 1, metrics
+
+
 def assert_moved(before, after, min_change=1e-2):
     change = max(float(np.max(np.abs(a - b))) for a, b in zip(before, after))
     assert change > min_change, f"teleports did not move the weights ({change})"
@@ -79,9 +87,7 @@ def check_invariance(optimizer_name, mode):
     before = model.predict(x, verbose=0)
     optimizer = Teleport(OPTIMIZERS[optimizer_name](0.0), every=1)
     fit_with_teleports_only(model, optimizer, mode, x, y)
-    metrics = optimizer.teleport_metrics
-    assert metrics["teleports"] == TELEPORTS, metrics
-    assert metrics["rejected"] == 0, metrics
+    assert_teleported(optimizer)
     assert int(optimizer.iterations.numpy()) == TELEPORTS
     after_w = weights_numpy(model)
     assert_moved(before_w, after_w)
@@ -127,8 +133,7 @@ def test_invariance_across_architectures(activation, depth, use_bias, group):
     before = model.predict(x, verbose=0)
     optimizer = Teleport(keras.optimizers.Adam(0.0), every=1, group=group)
     teleport_in_custom_loop(model, optimizer, x, y)
-    metrics = optimizer.teleport_metrics
-    assert metrics["teleports"] == TELEPORTS, metrics
+    assert_teleported(optimizer)
     assert len(optimizer.junctions) == depth - 1
     after_w = weights_numpy(model)
     assert_moved(before_w, after_w)
@@ -181,7 +186,7 @@ def test_invariance_functional_with_layers_between(mode):
     before = model.predict(x, verbose=0)
     optimizer = Teleport(keras.optimizers.RMSprop(0.0), every=1)
     fit_with_teleports_only(model, optimizer, mode, x, y)
-    assert optimizer.teleport_metrics["teleports"] == TELEPORTS
+    assert_teleported(optimizer)
     assert len(optimizer.junctions) == 2
     assert_moved(before_w, weights_numpy(model))
     assert_outputs_close(model.predict(x, verbose=0), before)
@@ -202,7 +207,7 @@ def test_invariance_symmetric_dense_pair(group, hidden, mode):
     before = model.predict(x, verbose=0)
     optimizer = Teleport(keras.optimizers.Adam(0.0), every=1)
     fit_with_teleports_only(model, optimizer, mode, x, y)
-    assert optimizer.teleport_metrics["teleports"] == TELEPORTS
+    assert_teleported(optimizer)
     assert_moved(before_w, weights_numpy(model))
     as_mlp = [pair.kernel_1, pair.bias_1, pair.kernel_2, pair.bias_2]
     atol = float32_error_bound([v.numpy() for v in as_mlp], True, x)
