@@ -449,6 +449,28 @@ def test_iterations_and_variables():
     assert sum("group_element" in p for p in paths) == 2
 
 
+@pytest.mark.parametrize("name,make_inner", [
+    *[(n, lambda f=OPTIMIZERS[n]: f(0.01)) for n in sorted(OPTIMIZERS)],
+    ("nadam", lambda: keras.optimizers.Nadam(0.01)),
+    ("adamax", lambda: keras.optimizers.Adamax(0.01)),
+    ("lion", lambda: keras.optimizers.Lion(0.01)),
+])
+def test_every_inner_variable_is_tracked(name, make_inner):
+    """Wrapping must not hide any inner variable from `variables` (which
+    saving, loading and slots="reset" go through)."""
+    model = make_mlp()
+    bare = make_inner()
+    bare.build(model.trainable_variables)
+    inner = make_inner()
+    optimizer = Teleport(inner, every=1)
+    optimizer.build(model.trainable_variables, model=model)
+    assert len(inner.variables) == len(bare.variables)
+    ids = {id(v) for v in optimizer.variables}
+    for attribute, value in vars(inner).items():
+        if isinstance(value, keras.Variable):
+            assert id(value) in ids, attribute
+
+
 def test_get_config_from_config_round_trip():
     optimizer = Teleport(
         keras.optimizers.RMSprop(0.02, momentum=0.5, centered=True),
