@@ -50,10 +50,12 @@ def _model_loss(model, loss_fn):
     return f
 
 
-def _averaged(compiled, x, y, batch_size, *args):
+def _averaged(compiled, x, y, batch_size, direction):
     total, count = 0.0, 0
     for bx, by in _batches(x, y, batch_size):
-        total += float(compiled(tf.convert_to_tensor(bx), tf.convert_to_tensor(by), *args)) * len(bx)
+        value = compiled(direction, tf.convert_to_tensor(bx),
+                         tf.convert_to_tensor(by))
+        total += float(value) * len(bx)
         count += len(bx)
     return total / count
 
@@ -90,29 +92,29 @@ def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
         )
     f = _model_loss(model, _loss_fn(model, loss))
     weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    radii = tf.constant([float(r) for r in radii], weights[0].dtype)
+
+    # One trace serves every direction and batch.
+    @tf.function(autograph=False)
+    def mean_over_radii(direction, bx, by):
+        values = tf.map_fn(
+            lambda r: f([w + r * u for w, u in zip(weights, direction)], bx, by),
+            radii,
+        )
+        mean = tf.reduce_mean(values)
+        return mean - f(weights, bx, by) if kind == "isotropic" else mean
+
     rng = np.random.default_rng(seed)
-    dirs = []
+    total = 0.0
     for _ in range(directions):
         if kind == "paper":
             d = [rng.uniform(size=w.shape) for w in weights]
         else:
             d = [rng.normal(size=w.shape) for w in weights]
         norm = np.sqrt(sum((a ** 2).sum() for a in d))
-        dirs.append([tf.constant(a / norm, w.dtype) for a, w in zip(d, weights)])
-    radii = [float(r) for r in radii]
-
-    @tf.function(autograph=False)
-    def batch_value(bx, by):
-        base = f(weights, bx, by)
-        values = []
-        for d in dirs:
-            for r in radii:
-                moved = [w + r * u for w, u in zip(weights, d)]
-                values.append(f(moved, bx, by))
-        mean = tf.reduce_mean(tf.stack(values))
-        return mean - base if kind == "isotropic" else mean
-
-    return _averaged(batch_value, x, y, batch_size)
+        direction = [tf.constant(a / norm, w.dtype) for a, w in zip(d, weights)]
+        total += _averaged(mean_over_radii, x, y, batch_size, direction)
+    return total / directions
 
 
 def curve_curvature(first, second):
