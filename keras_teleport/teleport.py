@@ -364,7 +364,6 @@ class Teleport(keras.optimizers.Optimizer):
             )
         return tuple(junctions), tuple(indices)
 
-    @tracking.no_automatic_dependency_tracking
     def build(self, var_list, model=None):
         """Builds the wrapper and the inner optimizer on `var_list`.
 
@@ -391,13 +390,21 @@ class Teleport(keras.optimizers.Optimizer):
             else:
                 junctions, indices = _chain_junctions(chain, var_list)
                 loss_fn = _loss_function(model)
+        # Outside the no-tracking scope below: optimizers such as Nadam
+        # track some state only through attribute assignment.
         self.inner_optimizer.build(var_list)
-        slots = {}
-        if self.teleports and self.slots == "transport":
-            slots = slots_lib.resolve(self.inner_optimizer, var_list)
         resets = []
         if self.teleports and self.slots == "reset":
             resets = self._initial_fills(var_list)
+        self._build_own(var_list, junctions, indices, chain, loss_fn, resets)
+
+    @tracking.no_automatic_dependency_tracking
+    def _build_own(self, var_list, junctions, indices, chain, loss_fn,
+                   resets):
+        slots = {}
+        if self.teleports and self.slots == "transport":
+            slots = slots_lib.resolve(self.inner_optimizer, var_list)
+        if self.teleports and self.slots == "reset":
             self._follow_global_step()
         records = []
         for junction, index in zip(junctions, indices):
@@ -426,6 +433,11 @@ class Teleport(keras.optimizers.Optimizer):
         )
         self._plan = _Plan(junctions, indices, records, slots, resets)
         self._plan.ascent = self._make_ascent(indices)
+        # The whole teleport as one XLA cluster: hundreds of small ops
+        # (transport of every slot, finiteness checks, selects) fused.
+        self._plan.compute = tf.function(
+            self._compute, jit_compile=True, autograph=False
+        )
         self._plan.chain = chain
         if chain is not None:
             self._plan.data_ascent = self._make_data_ascent(chain, loss_fn)
@@ -523,6 +535,9 @@ class Teleport(keras.optimizers.Optimizer):
         inner, outer = self.inner_optimizer, self
         original = type(inner)._get_current_learning_rate
 
+        # Not converted by autograph: a converted per-instance closure can
+        # collide in autograph's cache with another instance's.
+        @tf.autograph.experimental.do_not_convert
         def current_learning_rate():
             schedule = inner._learning_rate
             if isinstance(
@@ -723,7 +738,7 @@ class Teleport(keras.optimizers.Optimizer):
         if not _multi_replica():
 
             def teleport():
-                _, moved, values = self._compute(shared, local)
+                _, moved, values = self._plan.compute(shared, local)
                 with tf.control_dependencies(_write(targets, values)):
                     return [tf.identity(g) for g in moved]
 
