@@ -433,11 +433,6 @@ class Teleport(keras.optimizers.Optimizer):
         )
         self._plan = _Plan(junctions, indices, records, slots, resets)
         self._plan.ascent = self._make_ascent(indices)
-        # The whole teleport as one XLA cluster: hundreds of small ops
-        # (transport of every slot, finiteness checks, selects) fused.
-        self._plan.compute = tf.function(
-            self._compute, jit_compile=True, autograph=False
-        )
         self._plan.chain = chain
         if chain is not None:
             self._plan.data_ascent = self._make_data_ascent(chain, loss_fn)
@@ -738,7 +733,7 @@ class Teleport(keras.optimizers.Optimizer):
         if not _multi_replica():
 
             def teleport():
-                _, moved, values = self._plan.compute(shared, local)
+                _, moved, values = self._compute(shared, local)
                 with tf.control_dependencies(_write(targets, values)):
                     return [tf.identity(g) for g in moved]
 
