@@ -427,7 +427,7 @@ def plot(runs, args, path):
                               **STYLES[variant]))
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training wall-clock, s (fit only; includes tracing "
-                       "and the teleport's XLA compile)")
+                       "and the teleport's one-off compile)")
     n = args.train_limit or 50000
     axes[0].set_ylabel(f"training loss, all {n} examples (clipped)")
     # Diverging runs would squeeze the others: clip above the initial loss.
@@ -470,7 +470,7 @@ def write_outputs(runs, args, elapsed):
         "the final training loss of the plain run of the same optimizer "
         "(interpolated between epoch ends; — if never). Seconds: fit "
         "wall-clock, evaluation excluded, tracing and the teleport's one-off "
-        "XLA compile included. Teleport s (timed): teleports made x median "
+        "compile included. Teleport s (timed): teleports made x median "
         "time of one `opt.teleport_now()` call, timed after training (eager "
         "calls of the compiled teleport; `in-step` for scaling, which runs "
         "inside the train step). Extra s vs plain: final wall-clock minus "
