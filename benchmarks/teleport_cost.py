@@ -170,7 +170,7 @@ def main(argv=None):
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"\nTeleport cost on {device} ({os.cpu_count()} cores visible), "
           f"MNIST {len(x)} examples, batch {BATCH}, steps_per_execution "
-          f"{spx}, XLA off for the step (the ascent is one XLA cluster); "
+          f"{spx}, XLA off for the step (and for the ascent on CPU); "
           f"medians of {args.repeats} interleaved repeats.\n")
     rows = [
         ("train step (batch 20), plain fit", f"{1e3 * step:.3f} ms", "1"),
