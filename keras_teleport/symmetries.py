@@ -61,13 +61,6 @@ class Junction:
     def width(self):
         return int(self.in_kernel.shape[-1])
 
-    @property
-    def record_group(self):
-        """The group a layer-owned record is parametrised in, or `None`."""
-        if self.record is None:
-            return None
-        return "scaling" if len(self.record.shape) == 1 else "gl"
-
 
 @dataclasses.dataclass(frozen=True)
 class RefusedJunction:
