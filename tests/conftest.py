@@ -186,3 +186,23 @@ def tape_gradients(model, weights, x, y, loss_fn=None):
         )[0]
         loss = loss_fn(y, out)
     return [g.numpy() for g in tape.gradient(loss, values)]
+
+
+def load_example(name):
+    """Imports examples/<name>.py, skipping when MNIST cannot be had."""
+    import importlib.util
+    import pathlib
+
+    import pytest
+
+    from keras_teleport import datasets
+
+    try:
+        datasets.load_mnist()
+    except RuntimeError as error:
+        pytest.skip(f"MNIST unavailable offline: {error}")
+    path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

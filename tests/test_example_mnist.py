@@ -1,26 +1,16 @@
 """Runs examples/mnist_teleport.py in-process on a tiny slice of MNIST."""
 
 import csv
-import importlib.util
-import pathlib
 
 import pytest
+from conftest import load_example
 
-from keras_teleport import datasets
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "mnist_teleport.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    try:
-        datasets.load_mnist()
-    except RuntimeError as error:
-        pytest.skip(f"MNIST unavailable offline: {error}")
-    spec = importlib.util.spec_from_file_location("mnist_teleport", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("mnist_teleport")
 
 
 def test_example_writes_table_csv_and_plot(example, tmp_path, capsys):

@@ -1,26 +1,16 @@
 """Runs examples/mnist_optimizers.py in-process on a tiny slice of MNIST."""
 
 import csv
-import importlib.util
-import pathlib
 
 import pytest
+from conftest import load_example
 
-from keras_teleport import datasets
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "mnist_optimizers.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    try:
-        datasets.load_mnist()
-    except RuntimeError as error:
-        pytest.skip(f"MNIST unavailable offline: {error}")
-    spec = importlib.util.spec_from_file_location("mnist_optimizers", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("mnist_optimizers")
 
 
 def test_example_writes_plot_table_and_csv(example, tmp_path, capsys):
