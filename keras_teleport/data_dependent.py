@@ -272,3 +272,68 @@ def ascend(loss_fn, chain, weights, x, y, steps, learning_rate, max_ratio,
     )
     moved = act(chain, weights, x, ts, form, parametrization)
     return ts, moved, f0, f
+
+
+def ascend_value(value_fn, admissible, chain, weights, x, steps,
+                 learning_rate, maximize=True, form="iclr",
+                 parametrization="identity_plus"):
+    """Raises (or lowers) `value_fn(g·w)` over the junctions' `T`.
+
+    For objectives other than the gradient norm (sharpness): backtracking
+    steps `T <- T + lr * D / ||D||` from `T = 0`, `D = grad_T (±value)`
+    (the norm over all junctions), so each step has length `lr` whatever
+    the value's scale; a step is kept only if the value improves and
+    stays finite and the moved weights are `admissible` (the gradient-norm
+    cap, the loss guard: the ascent stays inside them rather than being
+    rolled back), otherwise `lr` is halved.
+
+    Args:
+        value_fn: `fn(list of weights) -> positive scalar`.
+        admissible: `fn(list of weights) -> boolean scalar`.
+        chain, weights, x, form, parametrization: as for `act`.
+        steps: Python int, the number of steps.
+        learning_rate: length of a step in `T`.
+        maximize: raise (True) or lower (False) the value.
+
+    Returns:
+        `(ts, moved weights, value_0, value_final)`.
+    """
+    dtype = weights[0].dtype
+    sign = 1.0 if maximize else -1.0
+    ts = [tf.zeros([chain.layers[a].units] * 2, dtype)
+          for a, _, _ in chain.junctions]
+    lr = tf.cast(learning_rate, dtype)
+
+    def evaluate(ts):
+        with tf.GradientTape() as tape:
+            tape.watch(ts)
+            moved = act(chain, weights, x, ts, form, parametrization)
+            value = value_fn(moved)
+            signed = sign * value
+        grads = tape.gradient(signed, ts)
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+        grads = [tf.math.divide_no_nan(g, norm) for g in grads]
+        return value, grads, admissible(moved)
+
+    value0, grads0, _ = evaluate(ts)
+
+    def body(taken, lr, ts, value, grads):
+        candidates = [t + lr * g for t, g in zip(ts, grads)]
+        value_c, grads_c, admissible_c = evaluate(candidates)
+        ok = tf.logical_and(tf.math.is_finite(value_c), value_c > 0)
+        ok = tf.logical_and(ok, sign * value_c >= sign * value)
+        ok = tf.logical_and(ok, admissible_c)
+        ok = tf.logical_and(ok, tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads_c]))
+        pick = lambda new, old: [tf.where(ok, a, b) for a, b in zip(new, old)]
+        return (taken + tf.cast(ok, tf.int32), tf.where(ok, lr, lr / 2),
+                pick(candidates, ts), tf.where(ok, value_c, value),
+                pick(grads_c, grads))
+
+    _, _, ts, value, _ = tf.while_loop(
+        lambda *_: True, body,
+        (tf.constant(0, tf.int32), lr, ts, value0, grads0),
+        maximum_iterations=steps,
+    )
+    moved = act(chain, weights, x, ts, form, parametrization)
+    return ts, moved, value0, value

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_teleport import symmetries
+from keras_teleport.objectives import curve_curvature  # noqa: F401 (public here)
 
 DEFAULT_RADII = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2)
 
@@ -115,17 +116,6 @@ def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
         direction = [tf.constant(a / norm, w.dtype) for a, w in zip(d, weights)]
         total += _averaged(mean_over_radii, x, y, batch_size, direction)
     return total / directions
-
-
-def curve_curvature(first, second):
-    """Curvature of a curve from its first and second derivatives.
-
-    `kappa = sqrt(|g'|^2 |g''|^2 - (g' . g'')^2) / |g'|^3`, for lists of
-    tensors taken together as one vector.
-    """
-    dot = lambda a, b: tf.add_n([tf.reduce_sum(p * q) for p, q in zip(a, b)])
-    v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
-    return tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
 
 
 def orbit_derivatives(curve, t0=0.0):

@@ -14,9 +14,26 @@ import tensorflow as tf
 #   maximise the gradient norm, for faster convergence.
 # "min_norm" (data-free): minimise the weight norm over positive scalings
 #   (equi-normalization).
+# "min_sharpness", "max_sharpness" (need teleport data): lower or raise the
+#   paper's sharpness, the mean loss at random perturbations of the weights.
+# "max_curvature", "min_curvature" (data-free): raise or lower the mean
+#   curvature of the symmetry orbits through the weights.
 # "none" moves nothing and only applies the slot policy: the control run
 #   that separates what a teleport buys from what a state reset buys.
-OBJECTIVES = ("grad_norm", "min_norm", "none")
+OBJECTIVES = ("grad_norm", "min_norm", "min_sharpness", "max_sharpness",
+              "max_curvature", "min_curvature", "none")
+SHARPNESS_OBJECTIVES = ("min_sharpness", "max_sharpness")
+CURVATURE_OBJECTIVES = ("max_curvature", "min_curvature")
+# Objectives evaluated on teleport batches (`keras_teleport.TeleportData`).
+DATA_OBJECTIVES = SHARPNESS_OBJECTIVES
+# The paper's MNIST radii and the number of random directions per teleport.
+SHARPNESS_RADII = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2)
+OBJECTIVE_DIRECTIONS = 10
+
+
+def maximizes(objective):
+    """Whether `objective` is raised (True) or lowered (False)."""
+    return not objective.startswith("min_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,3 +174,217 @@ def minimize_weight_norm(plan, weights, steps):
             ratio = tf.where(usable, outgoing, 1.0) / tf.where(usable, incoming, 1.0)
             elements[n] = elements[n] + 0.25 * tf.math.log(ratio)
     return elements
+
+
+# Sharpness and curvature -------------------------------------------------
+
+
+def sharpness_directions(variables, count, seed):
+    """`count` random directions over `variables`, each of unit norm.
+
+    The paper's directions: entries `U[0, 1]`, then normalised over all
+    variables together. `seed` is a stateless seed (shape `(2,)`).
+    """
+    directions = []
+    for k in range(count):
+        parts = [
+            tf.random.stateless_uniform(
+                tf.shape(v), seed=seed + tf.constant([k, n], seed.dtype),
+                dtype=v.dtype)
+            for n, v in enumerate(variables)
+        ]
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(p)) for p in parts]))
+        directions.append([p / norm for p in parts])
+    return directions
+
+
+def sharpness(loss_at, weights, directions, radii=SHARPNESS_RADII):
+    """The paper's sharpness: the mean of `L(w + r d)` over radii and directions.
+
+    Args:
+        loss_at: `fn(list of weights) -> scalar loss` on fixed data.
+        weights: list of weight tensors.
+        directions: list of unit directions, each a list like `weights`.
+        radii: the radii `r`. Defaults to the paper's MNIST radii.
+
+    Returns:
+        A scalar tensor.
+    """
+    values = []
+    for direction in directions:
+        for r in radii:
+            values.append(loss_at([w + r * d for w, d in zip(weights, direction)]))
+    return tf.add_n(values) / len(values)
+
+
+def curvature_directions(plan, count, seed, dtype=tf.float32):
+    """`count` random Lie-algebra directions, one element per junction each.
+
+    As the curvature measure: entries `U[0, 1]` (the diagonal for the
+    scaling group), unit Frobenius norm over all junctions together.
+    """
+    directions = []
+    for k in range(count):
+        parts = [
+            tf.random.stateless_uniform(
+                j.group.record_shape(j.width),
+                seed=seed + tf.constant([k, n], seed.dtype), dtype=dtype)
+            for n, j in enumerate(plan)
+        ]
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(p)) for p in parts]))
+        directions.append([p / norm for p in parts])
+    return directions
+
+
+def _algebra_in(group, x, m):
+    """`x m` for an incoming kernel or bias and an algebra element `m`."""
+    if group.name == "scaling":
+        return x * m
+    if x.shape.rank == 1:
+        return tf.linalg.matvec(m, x, transpose_a=True)
+    return tf.matmul(x, m)
+
+
+def _algebra_out(group, x, m):
+    """`m x` for an outgoing kernel."""
+    if group.name == "scaling":
+        return x * m[:, None]
+    return tf.matmul(m, x)
+
+
+def _sides(plan):
+    """position -> (junction number acting on the left, on the right)."""
+    sides = {}
+    for n, j in enumerate(plan):
+        for i in j.in_indices:
+            sides.setdefault(i, [None, None])[1] = n
+        sides.setdefault(j.out_index, [None, None])[0] = n
+    return sides
+
+
+def orbit_jet(plan, weights, direction):
+    """Velocity and acceleration at `t = 0` of `t -> exp(t M)·w`.
+
+    A kernel `W` moved on the left by junction A and on the right by
+    junction B follows `exp(-t A) W exp(t B)`, so `W' = W B - A W` and
+    `W'' = W B^2 - 2 A W B + A^2 W`: closed forms, differentiable in `w`.
+
+    Args:
+        plan: list of `JunctionIndices`.
+        weights: dict from position to weight tensor.
+        direction: one algebra element per junction.
+
+    Returns:
+        `(velocity, acceleration)`, lists over the plan's positions.
+    """
+    first, second = [], []
+    for p, (left, right) in sorted(_sides(plan).items()):
+        w = weights[p]
+        right_w = (_algebra_in(plan[right].group, w, direction[right])
+                   if right is not None else tf.zeros_like(w))
+        v, a = right_w, (_algebra_in(plan[right].group, right_w, direction[right])
+                         if right is not None else tf.zeros_like(w))
+        if left is not None:
+            group, m = plan[left].group, direction[left]
+            v = v - _algebra_out(group, w, m)
+            a = (a - 2.0 * _algebra_out(group, right_w, m)
+                 + _algebra_out(group, _algebra_out(group, w, m), m))
+        first.append(v)
+        second.append(a)
+    return first, second
+
+
+def curve_curvature(first, second):
+    """`sqrt(|g'|^2 |g''|^2 - (g'.g'')^2) / |g'|^3` over lists of tensors."""
+    dot = lambda a, b: tf.add_n([tf.reduce_sum(p * q) for p, q in zip(a, b)])
+    v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
+    return tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
+
+
+def orbit_curvature(plan, weights, directions):
+    """Mean curvature at `w` of the orbit curves along `directions`."""
+    values = [curve_curvature(*orbit_jet(plan, weights, m)) for m in directions]
+    return tf.add_n(values) / len(values)
+
+
+def tangent_move(plan, weights, step):
+    """`w + d/dt (exp(t M)·w)` at `t = 0` with `M = step`: first order."""
+    moved = dict(weights)
+    for p, (left, right) in _sides(plan).items():
+        w = weights[p]
+        if right is not None:
+            moved[p] = moved[p] + _algebra_in(plan[right].group, w, step[right])
+        if left is not None:
+            moved[p] = moved[p] - _algebra_out(plan[left].group, w, step[left])
+    return moved
+
+
+def _unit(tensors):
+    """`tensors / ||tensors||` over the list; zeros stay zero."""
+    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
+    return [tf.math.divide_no_nan(t, norm) for t in tensors]
+
+
+def ascend(plan, value_fn, weights, grads, steps, learning_rate, limit,
+           maximize=True):
+    """Raises (or lowers) `value_fn(g·w)` over the plan's exact groups.
+
+    Each step moves every junction's element by `exp(lr * M / ||M||)`,
+    where `M` is the Lie-algebra gradient of `±value_fn` at the current
+    point (the norm over all junctions: each step has length `lr` in the
+    algebra, whatever the value's scale), taken through the orbit's
+    first-order move at `t = 0`: no gradient flows through `expm`. A step is
+    kept only if the value improves and stays finite and the squared norm
+    of the transported gradient stays within `limit` (the cap that keeps
+    the next optimizer step sane); otherwise `lr` is halved. Always `steps`
+    iterations: one static loop, XLA-friendly.
+
+    Args:
+        plan: list of `JunctionIndices`.
+        value_fn: `fn(dict position -> weight) -> positive scalar`.
+        weights: dict from position to weight at `w`.
+        grads: dict from position to the gradient at `w`, for the cap.
+        steps: Python int, the number of steps.
+        learning_rate: length of a step in the Lie algebra.
+        limit: cap on the squared norm of the transported gradient.
+        maximize: raise (True) or lower (False) the value.
+
+    Returns:
+        `(elements, value_0, value_final, f_0, f_final, steps_taken)`, `f`
+        the squared gradient norms.
+    """
+    dtype = next(iter(weights.values())).dtype
+    sign = 1.0 if maximize else -1.0
+    elements = [j.group.identity(j.width, dtype) for j in plan]
+    zeros = [tf.zeros(j.group.record_shape(j.width), dtype) for j in plan]
+    lr = tf.cast(learning_rate, dtype)
+    limit = tf.cast(limit, dtype)
+
+    def lie_gradient(moved):
+        with tf.GradientTape() as tape:
+            tape.watch(zeros)
+            value = sign * value_fn(tangent_move(plan, moved, zeros))
+        return _unit(tape.gradient(value, zeros))
+
+    def body(taken, lr, elements, moved, value, f):
+        lie = lie_gradient(moved)
+        candidates = [j.group.compose(e, lr * m)
+                      for j, e, m in zip(plan, elements, lie)]
+        moved_c = transport(plan, candidates, weights, "weight")
+        value_c = value_fn(moved_c)
+        f_c = squared_norm(transport(plan, candidates, grads, "linear"))
+        ok = tf.logical_and(tf.math.is_finite(value_c), value_c > 0)
+        ok = tf.logical_and(ok, sign * value_c >= sign * value)
+        ok = tf.logical_and(ok, tf.logical_and(tf.math.is_finite(f_c), f_c <= limit))
+        pick = lambda new, old: tf.nest.map_structure(
+            lambda a, b: tf.where(ok, a, b), new, old)
+        return (taken + tf.cast(ok, tf.int32), tf.where(ok, lr, lr / 2),
+                pick(candidates, elements), pick(moved_c, moved),
+                tf.where(ok, value_c, value), tf.where(ok, f_c, f))
+
+    value0 = value_fn(weights)
+    f0 = squared_norm(grads)
+    state = (tf.constant(0, tf.int32), lr, elements, dict(weights), value0, f0)
+    taken, _, elements, _, value, f = tf.while_loop(
+        lambda *_: True, body, state, maximum_iterations=steps)
+    return elements, value0, value, f0, f, taken

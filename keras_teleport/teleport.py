@@ -15,7 +15,8 @@ from keras_teleport import symmetries
 
 SLOT_POLICIES = ("transport", "reset", "keep")
 GROUP_CHOICES = ("auto", "scaling", "gl")
-_METRICS = ("grad_norm_before", "grad_norm_after", "distance", "loss_drift")
+_METRICS = ("grad_norm_before", "grad_norm_after", "distance", "loss_drift",
+            "objective_before", "objective_after")
 
 
 def _is_int(value):
@@ -109,14 +110,30 @@ class Teleport(keras.optimizers.Optimizer):
         steps: Ascent steps per teleport. Defaults to `10`.
         teleport_lr: Step size of the ascent on `log ||grad||^2` in the Lie
             algebra (dimensionless). Defaults to `0.05`.
-        objective: What the teleport maximises. `"grad_norm"`: the squared
-            norm of the gradient of the moved variables on the current
-            mini-batch (on the teleport batch for the data-dependent
-            action); needs the mini-batch gradient. `"min_norm"`: the point
-            of least weight norm over positive scalings (equi-normalization,
-            data-free; `steps` balancing sweeps). `"none"`: move nothing,
-            only apply the `slots` policy at the scheduled steps (a
-            reset-only control run). Defaults to `"grad_norm"`.
+        objective: What the teleport optimises.
+            `"grad_norm"`: maximise the squared norm of the gradient of the
+            moved variables on the current mini-batch (on the teleport
+            batch for the data-dependent action); needs the mini-batch
+            gradient, which the train step has.
+            `"min_norm"`: the point of least weight norm over positive
+            scalings (equi-normalization; data-free; `steps` balancing
+            sweeps).
+            `"min_sharpness"` / `"max_sharpness"`: lower or raise the
+            paper's sharpness (mean loss at `w + r d` over the radii
+            `0.001..0.2` and 10 random directions `d ~ U[0, 1]^P` of unit
+            norm, drawn afresh for each teleport); needs teleport data
+            (`keras_teleport.TeleportData`), teleports after the step like
+            the data-dependent action, works with any group and needs no
+            leaky activation.
+            `"max_curvature"` / `"min_curvature"`: raise or lower the mean
+            curvature of the orbit curves `t -> expm(t M)·w` over 10 random
+            Lie-algebra directions `M` (drawn afresh for each teleport);
+            data-free, exact groups only.
+            Sharpness and curvature take backtracking steps of length
+            `teleport_lr` along their gradient in the Lie algebra (in `T`
+            for the data-dependent action), within the gradient norm cap. `"none"`: move nothing, only apply the `slots` policy
+            at the scheduled steps (a reset-only control run). Defaults to
+            `"grad_norm"`.
         max_grad_norm_ratio: Cap on the growth of that gradient norm (the
             orbit is unbounded). Teleports on consecutive steps count as
             one burst, capped against the norm before its first teleport.
@@ -389,7 +406,13 @@ class Teleport(keras.optimizers.Optimizer):
                 junctions, indices = self._make_plan_junctions(model, var_list)
             else:
                 junctions, indices = _chain_junctions(chain, var_list)
+            if chain is not None or self.objective in objectives.DATA_OBJECTIVES:
+                if _multi_replica() or tf.distribute.has_strategy():
+                    raise ValueError(
+                        f"objective={self.objective!r} teleports on teleport "
+                        "batches, which do not support tf.distribute yet.")
                 loss_fn = _loss_function(model)
+                forward = _model_forward(model, var_list, chain)
         # Outside the no-tracking scope below: optimizers such as Nadam
         # track some state only through attribute assignment.
         self.inner_optimizer.build(var_list)
@@ -397,6 +420,8 @@ class Teleport(keras.optimizers.Optimizer):
         if self.teleports and self.slots == "reset":
             resets = self._initial_fills(var_list)
         self._build_own(var_list, junctions, indices, chain, loss_fn, resets)
+        if loss_fn is not None:
+            self._plan.forward = forward
 
     @tracking.no_automatic_dependency_tracking
     def _build_own(self, var_list, junctions, indices, chain, loss_fn,
@@ -434,9 +459,11 @@ class Teleport(keras.optimizers.Optimizer):
         self._plan = _Plan(junctions, indices, records, slots, resets)
         self._plan.ascent = self._make_ascent(indices)
         self._plan.chain = chain
-        if chain is not None:
+        # Teleports on teleport batches, after the step.
+        self._plan.data = loss_fn is not None
+        if chain is not None and self.objective == "grad_norm":
             self._plan.data_ascent = self._make_data_ascent(chain, loss_fn)
-            self._plan.loss_fn = loss_fn
+        self._plan.loss_fn = loss_fn
         super().build(var_list)
 
     def _make_ascent(self, indices):
@@ -444,10 +471,25 @@ class Teleport(keras.optimizers.Optimizer):
         fraction of a train step even when the train step itself is not
         compiled."""
 
-        def ascent(grads, limit):
-            return objectives.maximize_grad_norm(
-                indices, grads, self.steps, self.teleport_lr, limit
-            )
+        if self.objective in objectives.CURVATURE_OBJECTIVES:
+
+            def ascent(weights, grads, limit, seed):
+                dtype = next(iter(weights.values())).dtype
+                directions = objectives.curvature_directions(
+                    indices, objectives.OBJECTIVE_DIRECTIONS, seed, dtype)
+                return objectives.ascend(
+                    indices,
+                    lambda w: objectives.orbit_curvature(indices, w, directions),
+                    weights, grads, self.steps, self.teleport_lr, limit,
+                    maximize=objectives.maximizes(self.objective),
+                )
+
+        else:
+
+            def ascent(grads, limit):
+                return objectives.maximize_grad_norm(
+                    indices, grads, self.steps, self.teleport_lr, limit
+                )
 
         return tf.function(ascent, jit_compile=True, autograph=False)
 
@@ -462,6 +504,12 @@ class Teleport(keras.optimizers.Optimizer):
         found = symmetries.find_symmetries(model)
         if all("gl" in j.groups for j in found.junctions):
             return None
+        if self.objective in objectives.CURVATURE_OBJECTIVES:
+            raise ValueError(
+                f"objective={self.objective!r} follows exact symmetry orbits, "
+                "and group='gl' is not exact through a leaky activation: use "
+                "group='scaling' or group='auto' there."
+            )
         if _multi_replica() or tf.distribute.has_strategy():
             raise ValueError(
                 "The data-dependent GL action (group='gl' on leaky_relu "
@@ -555,7 +603,7 @@ class Teleport(keras.optimizers.Optimizer):
                 self.build(trainable_variables or self._trainable_variables)
             self.built = True
         grads = list(grads)
-        if self.teleports and self._plan.chain is not None:
+        if self.teleports and self._plan.data:
             # The data-dependent action moves the gradient in no closed
             # form: teleport after this step, so the next step's gradient
             # is computed at the teleported point.
@@ -586,11 +634,12 @@ class Teleport(keras.optimizers.Optimizer):
             batch_size: Examples per teleport batch. Defaults to `200`.
             seed: Integer seed of the batch draws. Defaults to `0`.
         """
-        if self._plan is None or self._plan.chain is None:
+        if self._plan is None or not self._plan.data:
             raise ValueError(
                 "Teleport data is used only by the data-dependent GL action "
-                "(group='gl' on leaky_relu junctions, after build); this "
-                f"optimizer has group={self.group!r}."
+                "(group='gl' on leaky_relu junctions) and by the sharpness "
+                "objectives, after build; this optimizer has "
+                f"group={self.group!r}, objective={self.objective!r}."
             )
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(
@@ -643,7 +692,8 @@ class Teleport(keras.optimizers.Optimizer):
         plan = self._plan
         if getattr(plan, "pool", None) is None:
             raise ValueError(
-                "The data-dependent GL action needs teleport data: add "
+                "The data-dependent GL action and the sharpness objectives "
+                "need teleport data: add "
                 "`keras_teleport.TeleportData(x, y)` to fit's callbacks, or "
                 "call `optimizer.set_teleport_data(x, y)` before training."
             )
@@ -663,34 +713,92 @@ class Teleport(keras.optimizers.Optimizer):
         )
 
     def _data_teleport(self):
-        """One data-dependent teleport with its loss guard; writes state."""
+        """One teleport on a teleport batch with its loss guard; writes state."""
         plan = self._plan
         x, y = self._teleport_batch()
         weights = [tf.convert_to_tensor(v) for v in self._trainable_variables]
+        dtype = weights[0].dtype
+        loss_at = lambda w: plan.loss_fn(y, plan.forward(w, x))
+
+        def grad_norm(w):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                loss = loss_at(w)
+            return objectives.squared_norm(
+                dict(enumerate(tape.gradient(loss, w))))
+
+        v0 = v1 = tf.constant(0.0, dtype)
+        moved = weights
         if self.objective == "none":
-            ts = [tf.zeros([j.width] * 2, weights[0].dtype)
-                  for j in plan.indices]
-            moved = weights
-            _, f0 = data_dependent.squared_grad_norm(
-                plan.loss_fn, plan.chain, weights, x, y)
-            f1 = f0
-        else:
+            if plan.chain is not None:
+                elements = [(tf.eye(j.width, dtype=dtype),) * 2
+                            for j in plan.indices]
+            else:
+                elements = [j.group.identity(j.width, dtype)
+                            for j in plan.indices]
+            f0 = f1 = grad_norm(weights)
+        elif self.objective == "grad_norm":
             ts, moved, f0, f1 = plan.data_ascent(weights, x, y)
-        before = plan.loss_fn(y, data_dependent.forward(plan.chain, weights, x))
-        after = plan.loss_fn(y, data_dependent.forward(plan.chain, moved, x))
+            elements = _chain_elements(ts, self.parametrization)
+            v0, v1 = tf.sqrt(f0), tf.sqrt(f1)
+        else:  # sharpness
+            seed = tf.stack([plan.seed, tf.cast(self._iterations, tf.int64)])
+            directions = objectives.sharpness_directions(
+                weights, objectives.OBJECTIVE_DIRECTIONS, seed)
+            value = lambda w: objectives.sharpness(loss_at, w, directions)
+            maximize = objectives.maximizes(self.objective)
+            f0 = grad_norm(weights)
+            limit = tf.cast(self.max_grad_norm_ratio, dtype) ** 2 * f0
+            if plan.chain is not None:
+                before = loss_at(weights)
+
+                def admissible(w):
+                    f = grad_norm(w)
+                    ok = tf.logical_and(tf.math.is_finite(f), f <= limit)
+                    if self.loss_tolerance is None:
+                        return ok
+                    change = tf.abs(loss_at(w) - before)
+                    return tf.logical_and(ok, change <= self.loss_tolerance
+                                          * tf.maximum(tf.abs(before), 1e-12))
+
+                ts, moved, v0, v1 = data_dependent.ascend_value(
+                    value, admissible, plan.chain, weights, x,
+                    self.steps, self.teleport_lr, maximize, self.form,
+                    self.parametrization)
+                elements = _chain_elements(ts, self.parametrization)
+            else:
+                at = {p: weights[p] for p in plan.positions}
+
+                def value_at(w):
+                    full = list(weights)
+                    for p, t in w.items():
+                        full[p] = t
+                    return value(full)
+
+                with tf.GradientTape() as tape:
+                    tape.watch(weights)
+                    loss = loss_at(weights)
+                all_grads = tape.gradient(loss, weights)
+                grads = {p: all_grads[p] for p in plan.positions}
+                elements, v0, v1, _, _, _ = objectives.ascend(
+                    plan.indices, value_at, at, grads, self.steps,
+                    self.teleport_lr, limit, maximize)
+                moved = list(weights)
+                for p, t in objectives.transport(
+                        plan.indices, elements, at, "weight").items():
+                    moved[p] = t
+            f1 = grad_norm(moved)
+        before = loss_at(weights)
+        after = loss_at(moved)
         drift = tf.abs(after - before) / tf.maximum(tf.abs(before), 1e-12)
         # As in the reference, any finite ascent counts, even one that
         # ended lower: only the loss guard can reject it.
         ok = tf.math.is_finite(drift)
         if self.loss_tolerance is not None:
             ok = tf.logical_and(ok, drift <= self.loss_tolerance)
-        elements = []
-        for t in ts:
-            g = data_dependent._group_element(t, self.parametrization)
-            elements.append((g, tf.linalg.inv(g)))
         weights_at = {p: moved[p] for p in plan.positions}
         values, accepted = self._teleported_values(
-            elements, ok, f0, f1, weights_at, drift
+            elements, ok, f0, f1, weights_at, drift, (v0, v1)
         )
         targets, _ = self._targets()
         with tf.control_dependencies(_write(targets, values)):
@@ -814,13 +922,31 @@ class Teleport(keras.optimizers.Optimizer):
             f0 = objectives.squared_norm(shared)
             f1 = objectives.squared_norm(
                 objectives.transport(plan.indices, elements, shared, "linear"))
+            v0 = tf.sqrt(objectives.squared_norm(weights))
+            v1 = tf.sqrt(objectives.squared_norm(objectives.transport(
+                plan.indices, elements, weights, "weight")))
             taken = tf.constant(1)
+        elif self.objective in objectives.CURVATURE_OBJECTIVES:
+            weights = {p: tf.convert_to_tensor(self._trainable_variables[p])
+                       for p in plan.positions}
+            anchor = self._grad_norm_anchor(objectives.squared_norm(shared))
+            limit = tf.cast(self.max_grad_norm_ratio, anchor.dtype) ** 2 * anchor
+            # The same directions on every replica: seeded by the step.
+            seed = tf.stack([tf.constant(0, tf.int64),
+                             tf.cast(self._iterations, tf.int64)])
+            elements, v0, v1, f0, f1, taken = plan.ascent(
+                weights, shared, limit, seed)
         else:
             anchor = self._grad_norm_anchor(objectives.squared_norm(shared))
             limit = tf.cast(self.max_grad_norm_ratio, anchor.dtype) ** 2 * anchor
             elements, f0, f1, taken = plan.ascent(shared, limit)
-        values, accepted = self._teleported_values(elements, taken > 0, f0, f1)
-        if self.objective == "grad_norm":
+            v0, v1 = tf.sqrt(f0), tf.sqrt(f1)
+        if self.objective == "none":
+            v0 = v1 = tf.zeros_like(f0)
+        values, accepted = self._teleported_values(
+            elements, taken > 0, f0, f1, objective_values=(v0, v1))
+        if self.objective == "grad_norm" or (
+                self.objective in objectives.CURVATURE_OBJECTIVES):
             values[-3] = tf.cast(anchor, tf.float32)
         moved_local = objectives.transport(
             plan.indices, elements, local, "linear"
@@ -842,7 +968,7 @@ class Teleport(keras.optimizers.Optimizer):
         return tf.where(tf.logical_and(in_burst, stored > 0), stored, f0)
 
     def _teleported_values(self, elements, ok, f0, f1, weights=None,
-                           drift=0.0):
+                           drift=0.0, objective_values=(0.0, 0.0)):
         """New values of `_targets` after moving by `elements`.
 
         Args:
@@ -852,6 +978,7 @@ class Teleport(keras.optimizers.Optimizer):
             weights: position -> moved weight, where the action is not the
                 group's linear one (the data-dependent action).
             drift: relative loss change of the move.
+            objective_values: the objective's value before and after.
 
         Returns:
             `(values, accepted)`; a rejected teleport keeps every value but
@@ -899,7 +1026,8 @@ class Teleport(keras.optimizers.Optimizer):
         )
         last = tf.cast(
             tf.stack([tf.sqrt(f0), tf.sqrt(f1), distance,
-                      tf.cast(drift, f0.dtype)]),
+                      tf.cast(drift, f0.dtype)]
+                     + [tf.cast(v, f0.dtype) for v in objective_values]),
             tf.float32,
         )
         values = [tf.where(accepted, v, c) for v, c in zip(values, currents)]
@@ -936,8 +1064,11 @@ class Teleport(keras.optimizers.Optimizer):
           each junction's distance from the identity: `||log d||` for
           scaling, `||g - I||_F` for GL).
         - `loss_drift`: the relative change of the loss on the teleport
-          batch at the last data-dependent teleport (0 for exact groups,
-          which keep the loss exactly).
+          batch at the last teleport made on teleport data (0 otherwise:
+          exact groups keep the loss exactly).
+        - `objective_before`, `objective_after`: the value of the
+          objective at the last teleport: the gradient norm, the weight
+          norm (`"min_norm"`), the sharpness or the orbit curvature.
         - `junction_distance/<junction>`: how far each junction has moved in
           total since training began.
         """
@@ -1017,13 +1148,40 @@ def _chain_junctions(chain, var_list):
     return tuple(junctions), tuple(indices)
 
 
+def _chain_elements(ts, parametrization):
+    """GL elements `(g, g^-1)` of the data-dependent action's `T`s."""
+    elements = []
+    for t in ts:
+        g = data_dependent._group_element(t, parametrization)
+        elements.append((g, tf.linalg.inv(g)))
+    return elements
+
+
+def _model_forward(model, var_list, chain):
+    """`fn(weights in var_list order, x) -> output`, state untouched."""
+    if chain is not None:
+        return lambda weights, x: data_dependent.forward(chain, weights, x)
+    position = {id(v): i for i, v in enumerate(var_list)}
+    trainable = list(model.trainable_variables)
+
+    def forward(weights, x):
+        values = [weights[position[id(v)]] if id(v) in position
+                  else tf.convert_to_tensor(v) for v in trainable]
+        others = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
+        outputs, _ = model.stateless_call(values, others, x, training=False)
+        return outputs
+
+    return forward
+
+
 def _loss_function(model):
     """The model's compiled loss as `fn(y_true, y_pred) -> scalar`."""
     loss = getattr(model, "loss", None)
     if loss is None or isinstance(loss, (list, tuple, dict)):
         raise ValueError(
-            "The data-dependent GL action needs a model compiled with a "
-            f"single loss; {model.name!r} has loss={loss!r}."
+            "Teleports on teleport data (the data-dependent GL action, the "
+            "sharpness objectives) need a model compiled with a single "
+            f"loss; {model.name!r} has loss={loss!r}."
         )
     loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
