@@ -67,10 +67,12 @@ class TeleportLogger(keras.callbacks.Callback):
 
 
 class TeleportData(keras.callbacks.Callback):
-    """Hands teleport data to a `Teleport` that uses the data-dependent action.
+    """Hands teleport data to a `Teleport` that teleports on data.
 
     The data-dependent GL action (`Teleport(..., group="gl")` on leaky_relu
-    junctions) is exact only on a batch of data. This callback gives the
+    junctions) is exact only on a batch of data, and the sharpness
+    objectives (`objective="min_sharpness"`, `"max_sharpness"`) evaluate
+    the loss on one. This callback gives the
     optimizer the arrays it draws each teleport's batch from (a fresh
     shuffled batch of `batch_size` per teleport, drawn inside the compiled
     train step, so `steps_per_execution` and XLA keep working), and runs a
