@@ -3,15 +3,23 @@
 import keras
 
 
-def find_teleport(optimizer):
-    """The `Teleport` inside `optimizer` (through LossScaleOptimizer), or None."""
+def find_teleports(optimizer):
+    """Every `Teleport` in `optimizer`, outermost first (through
+    LossScaleOptimizer and nested Teleports)."""
     from keras_teleport.teleport import Teleport
 
+    found = []
     while optimizer is not None:
         if isinstance(optimizer, Teleport):
-            return optimizer
+            found.append(optimizer)
         optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+    return found
+
+
+def find_teleport(optimizer):
+    """The outermost `Teleport` inside `optimizer`, or None."""
+    found = find_teleports(optimizer)
+    return found[0] if found else None
 
 
 class TeleportLogger(keras.callbacks.Callback):
@@ -20,7 +28,9 @@ class TeleportLogger(keras.callbacks.Callback):
     At the end of each epoch (and each batch with `per_batch=True`) the
     entries of `Teleport.teleport_metrics` are added to `logs` under
     `teleport/<name>`, so `History`, `CSVLogger` and `TensorBoard` record
-    them. Place it before those callbacks in the `callbacks` list.
+    them. Place it before those callbacks in the `callbacks` list. A
+    Teleport nested inside another logs under `teleport_1/<name>` (then
+    `teleport_2/`, ...).
 
     Args:
         per_batch: Also add them to every batch's logs. Defaults to `False`.
@@ -48,15 +58,17 @@ class TeleportLogger(keras.callbacks.Callback):
     def _add(self, logs):
         if logs is None:
             return
-        teleport = find_teleport(getattr(self.model, "optimizer", None))
-        if teleport is None:
+        teleports = find_teleports(getattr(self.model, "optimizer", None))
+        if not teleports:
             raise ValueError(
                 "TeleportLogger needs a model compiled with "
                 "keras_teleport.Teleport; found optimizer "
                 f"{getattr(self.model, 'optimizer', None)!r}."
             )
-        for name, value in teleport.teleport_metrics.items():
-            logs[f"teleport/{name}"] = value
+        for depth, teleport in enumerate(teleports):
+            prefix = "teleport" if depth == 0 else f"teleport_{depth}"
+            for name, value in teleport.teleport_metrics.items():
+                logs[f"{prefix}/{name}"] = value
 
     def on_train_batch_end(self, batch, logs=None):
         if self.per_batch:
@@ -114,20 +126,28 @@ class TeleportData(keras.callbacks.Callback):
         self.seed = seed
 
     def on_train_begin(self, logs=None):
-        teleport = find_teleport(getattr(self.model, "optimizer", None))
-        if teleport is None:
+        teleports = find_teleports(getattr(self.model, "optimizer", None))
+        if not teleports:
             raise ValueError(
                 "TeleportData needs a model compiled with "
                 "keras_teleport.Teleport."
             )
-        if not teleport.built:
-            teleport.build(self.model.trainable_variables, model=self.model)
-        teleport.set_teleport_data(self.x, self.y, self.batch_size, self.seed)
-        step = int(keras.ops.convert_to_numpy(teleport.iterations))
-        if step == 0 and (
-            (teleport.every is not None) or 0 in (teleport.at_steps or ())
-        ):
-            teleport.teleport_now()
+        if not teleports[0].built:
+            teleports[0].build(self.model.trainable_variables,
+                               model=self.model)
+        users = [t for t in teleports if t.uses_teleport_data]
+        if not users:
+            # Raises the error that says which teleports use data.
+            teleports[0].set_teleport_data(self.x, self.y, self.batch_size,
+                                           self.seed)
+        for teleport in users:
+            teleport.set_teleport_data(self.x, self.y, self.batch_size,
+                                       self.seed)
+            step = int(keras.ops.convert_to_numpy(teleport.iterations))
+            if step == 0 and (
+                (teleport.every is not None) or 0 in (teleport.at_steps or ())
+            ):
+                teleport.teleport_now()
 
 
 class MeasuresLogger(keras.callbacks.Callback):

@@ -100,6 +100,13 @@ class Teleport(keras.optimizers.Optimizer):
     optimizer's own count except under `slots="reset"`, which restarts the
     latter.
 
+    Teleports compose: a Teleport may wrap another one, each with its own
+    group, objective and schedule, e.g. exact scaling teleports around the
+    paper's data-dependent GL ones. The outer one moves the weights (and,
+    under `"transport"`, the innermost optimizer's slots) before the inner
+    one sees the gradients; `slots="reset"` belongs on the innermost
+    Teleport, which owns the state.
+
     Args:
         optimizer: The `keras.optimizers.Optimizer` to wrap.
         every: Teleport before every `every`-th step (steps `0, every,
@@ -203,12 +210,19 @@ class Teleport(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        if isinstance(optimizer, Teleport) or isinstance(
+        if not isinstance(optimizer, Teleport) and isinstance(
             getattr(optimizer, "inner_optimizer", None), Teleport
         ):
             raise ValueError(
-                "`optimizer` is already a Teleport: wrap the bare optimizer "
-                "once."
+                f"`optimizer` is a {type(optimizer).__name__} around a "
+                "Teleport: wrap the Teleport instead (e.g. "
+                "LossScaleOptimizer(Teleport(Teleport(inner))))."
+            )
+        if isinstance(optimizer, Teleport) and slots == "reset":
+            raise ValueError(
+                "slots='reset' on a Teleport that wraps another Teleport: "
+                "set slots='reset' on the inner one, which owns the state. "
+                f"Accepted here: {['transport', 'keep']}."
             )
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -273,10 +287,11 @@ class Teleport(keras.optimizers.Optimizer):
                 f"Unknown `slots` policy {slots!r}. Accepted values: "
                 f"{list(SLOT_POLICIES)}."
             )
-        if slots == "transport" and not slots_lib.supports_transport(optimizer):
+        if slots == "transport" and not slots_lib.supports_transport(
+                _innermost(optimizer)):
             raise ValueError(
                 f"slots='transport' does not know how the slots of "
-                f"{type(optimizer).__name__} transform. Supported: "
+                f"{type(_innermost(optimizer)).__name__} transform. Supported: "
                 f"{slots_lib.supported_optimizers()}. Use slots='reset' or "
                 "slots='keep' with this optimizer."
             )
@@ -332,6 +347,11 @@ class Teleport(keras.optimizers.Optimizer):
     def teleports(self):
         """Whether any step is scheduled for a teleport."""
         return self.every is not None or bool(self.at_steps)
+
+    @property
+    def uses_teleport_data(self):
+        """Whether teleports draw batches of teleport data (after `build`)."""
+        return self._plan is not None and bool(getattr(self._plan, "data", False))
 
     # Building -----------------------------------------------------------
 
@@ -415,7 +435,10 @@ class Teleport(keras.optimizers.Optimizer):
                 forward = _model_forward(model, var_list, chain)
         # Outside the no-tracking scope below: optimizers such as Nadam
         # track some state only through attribute assignment.
-        self.inner_optimizer.build(var_list)
+        if isinstance(self.inner_optimizer, Teleport):
+            self.inner_optimizer.build(var_list, model=model)
+        else:
+            self.inner_optimizer.build(var_list)
         resets = []
         if self.teleports and self.slots == "reset":
             resets = self._initial_fills(var_list)
@@ -428,7 +451,8 @@ class Teleport(keras.optimizers.Optimizer):
                    resets):
         slots = {}
         if self.teleports and self.slots == "transport":
-            slots = slots_lib.resolve(self.inner_optimizer, var_list)
+            slots = slots_lib.resolve(_innermost(self.inner_optimizer),
+                                      var_list)
         if self.teleports and self.slots == "reset":
             self._follow_global_step()
         records = []
@@ -1146,6 +1170,13 @@ def _chain_junctions(chain, var_list):
             out_index=k2,
         ))
     return tuple(junctions), tuple(indices)
+
+
+def _innermost(optimizer):
+    """The optimizer that holds the state, under nested Teleports."""
+    while isinstance(optimizer, Teleport):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
 
 
 def _chain_elements(ts, parametrization):
