@@ -22,7 +22,10 @@ from the same initial weights (per seed):
   judged against it as well as against `plain`.
 - `transport`: data-dependent GL, the state transported instead of reset.
 - `scaling`: exact positive rescaling of the hidden units (no data needed),
-  state transported, `teleport_lr=0.5`.
+  state transported, `teleport_lr=0.05`.
+- `both`: the two groups together: `scaling`'s exact teleports wrapped
+  around `teleport`'s data-dependent GL ones, at the same steps (a Teleport
+  around a Teleport).
 
 Each epoch records the loss on the whole training split (evaluated at the
 epoch's end, and before training) and the cumulative training wall-clock
@@ -74,9 +77,9 @@ OPTIMIZERS = {
                 5e-2),
     "adam": ("Adam(1e-4)", lambda: keras.optimizers.Adam(1e-4), 0, 5e-2),
 }
-VARIANTS = ("plain", "teleport", "reset-only", "transport", "scaling")
+VARIANTS = ("plain", "teleport", "reset-only", "transport", "scaling", "both")
 # Variants that need teleport batches (the data-dependent action).
-DATA_VARIANTS = ("teleport", "reset-only", "transport")
+DATA_VARIANTS = ("teleport", "reset-only", "transport", "both")
 BATCH_SIZE = 20
 TELEPORTS = 8  # the first 8 mini-batches of the teleport epoch
 ASCENT_STEPS = 10
@@ -164,15 +167,17 @@ def make_optimizer(name, variant, steps_per_epoch, epochs,
         return inner
     start = teleport_epoch(name, epochs) * steps_per_epoch
     at_steps = [start + i for i in range(TELEPORTS)]
+    scaling = dict(group="scaling", slots="transport", at_steps=at_steps,
+                   teleport_lr=scaling_lr, steps=ASCENT_STEPS)
     if variant == "scaling":
-        return keras_teleport.Teleport(
-            inner, group="scaling", slots="transport", at_steps=at_steps,
-            teleport_lr=scaling_lr, steps=ASCENT_STEPS,
-        )
+        return keras_teleport.Teleport(inner, **scaling)
     kwargs = dict(group="gl", at_steps=at_steps, steps=ASCENT_STEPS,
                   teleport_lr=OPTIMIZERS[name][3], loss_tolerance=None)
     if variant == "teleport":
         return keras_teleport.Teleport(inner, slots="reset", **kwargs)
+    if variant == "both":
+        return keras_teleport.Teleport(
+            keras_teleport.Teleport(inner, slots="reset", **kwargs), **scaling)
     if variant == "reset-only":
         return keras_teleport.Teleport(inner, objective="none", slots="reset",
                                        **kwargs)
@@ -206,9 +211,12 @@ def time_teleport(optimizer, repeats=5):
     """Median seconds of one `teleport_now()` after a warm-up call, or None.
 
     Run after training: it moves the weights and resets or transports state.
+    Times the data-dependent teleport (the inner one under `both`).
     """
-    if optimizer.group != "gl":  # scaling runs inside the step: no handle
-        return None
+    while optimizer.group != "gl":  # scaling runs inside the step: no handle
+        optimizer = optimizer.inner_optimizer
+        if not isinstance(optimizer, keras_teleport.Teleport):
+            return None
     optimizer.teleport_now()
     times = []
     for _ in range(repeats):
@@ -256,20 +264,25 @@ def train_one(name, variant, seed, data, args):
               callbacks=callbacks)
     val = model.evaluate(x_val, y_val, batch_size=EVAL_BATCH, verbose=0,
                          return_dict=True)
-    metrics = {}
+    counts = {"teleports": 0, "rejected": 0}
     teleport_seconds = None
     if variant != "plain":
-        metrics = optimizer.teleport_metrics
+        nested = optimizer
+        while isinstance(nested, keras_teleport.Teleport):
+            for key in counts:
+                counts[key] += nested.teleport_metrics[key]
+            nested = nested.inner_optimizer
         one = time_teleport(optimizer)
         if one is not None:
-            teleport_seconds = one * metrics["teleports"]
+            gl = optimizer if optimizer.group == "gl" else optimizer.inner_optimizer
+            teleport_seconds = one * gl.teleport_metrics["teleports"]
     return {
         "losses": [initial] + recorder.losses,
         "seconds": [0.0] + recorder.seconds,
         "val_loss": float(val["loss"]),
         "val_acc": float(val["acc"]),
-        "teleports": metrics.get("teleports", 0),
-        "rejected": metrics.get("rejected", 0),
+        "teleports": counts["teleports"],
+        "rejected": counts["rejected"],
         "teleport_seconds": teleport_seconds,
     }
 
@@ -392,6 +405,7 @@ STYLES = {
     "transport": dict(linestyle="-."),
     "scaling": dict(linestyle=(0, (5, 1.5, 1, 1.5, 1, 1.5)), marker="x",
                     markersize=4),
+    "both": dict(linestyle="-", marker="o", markersize=3),
 }
 
 
@@ -478,7 +492,9 @@ def write_outputs(runs, args, elapsed):
         f"Teleports: data-dependent GL, {ASCENT_STEPS} ascent steps on a "
         f"fresh batch of {TELEPORT_BATCH}, before each of the first "
         f"{TELEPORTS} mini-batches of the teleport epoch ({schedule}); "
-        f"scaling: teleport_lr {args.scaling_lr:g}, same steps."
+        f"scaling: teleport_lr {args.scaling_lr:g}, same steps; both: "
+        "scaling's teleports around the data-dependent ones (teleports "
+        "counts both)."
     )
     (out / "results.md").write_text(f"{table}\n\n{note}\n")
     with open(out / "results.csv", "w", newline="") as f:

@@ -2,7 +2,9 @@
 
 import csv
 
+import keras
 import pytest
+
 from conftest import load_example
 
 
@@ -77,6 +79,13 @@ def test_schedule_and_arguments(example):
     scaling = example.make_optimizer("momentum", "scaling", 2500, 3)
     assert (scaling.group, scaling.slots, scaling.teleport_lr) == (
         "scaling", "transport", example.SCALING_LR)
+    both = example.make_optimizer("adam", "both", 2500, 3)
+    inner = both.inner_optimizer
+    assert (both.group, both.slots, both.at_steps) == (
+        "scaling", "transport", tuple(range(8)))
+    assert (inner.group, inner.slots, inner.at_steps) == (
+        "gl", "reset", tuple(range(8)))
+    assert isinstance(inner.inner_optimizer, keras.optimizers.Adam)
     for variant in example.VARIANTS:  # every pair builds
         for name in example.OPTIMIZERS:
             example.make_optimizer(name, variant, 30, 1)
