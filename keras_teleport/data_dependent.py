@@ -214,6 +214,12 @@ def act(chain, weights, x, ts, form="iclr", parametrization="identity_plus"):
     return weights
 
 
+def zero_ts(chain, dtype):
+    """One `T = 0` (so `g = I`) per junction of `chain`."""
+    return [tf.zeros([chain.layers[a].units] * 2, dtype)
+            for a, _, _ in chain.junctions]
+
+
 def squared_grad_norm(loss_fn, chain, weights, x, y):
     """`(L, ||grad_w L||^2)` at `weights` on `(x, y)`."""
     with tf.GradientTape() as tape:
@@ -236,8 +242,7 @@ def ascend(loss_fn, chain, weights, x, y, steps, learning_rate, max_ratio,
         `(ts, moved weights, f_0, f_final)`.
     """
     dtype = weights[0].dtype
-    ts = [tf.zeros([chain.layers[a].units] * 2, dtype)
-          for a, _, _ in chain.junctions]
+    ts = zero_ts(chain, dtype)
     lr = tf.cast(learning_rate, dtype)
 
     def objective(ts):
@@ -300,8 +305,7 @@ def ascend_value(value_fn, admissible, chain, weights, x, steps,
     """
     dtype = weights[0].dtype
     sign = 1.0 if maximize else -1.0
-    ts = [tf.zeros([chain.layers[a].units] * 2, dtype)
-          for a, _, _ in chain.junctions]
+    ts = zero_ts(chain, dtype)
     lr = tf.cast(learning_rate, dtype)
 
     def evaluate(ts):
