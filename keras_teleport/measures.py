@@ -8,12 +8,16 @@ size.
 - `sharpness(kind="paper")`: the ICLR'24 definition, the mean loss
   `L(w + r d / ||d||)` over radii `r` and directions `d ~ U[0, 1]^P`.
 - `sharpness(kind="isotropic")`: the usual one, the mean loss *change*
-  `L(w + r d / ||d||) - L(w)` with `d` uniform on the sphere.
+  `L(w + r d / ||d||) - L(w)` with `d` uniform on the sphere, each `d`
+  evaluated with its opposite `-d` so that the first-order term cancels.
 - `orbit_curvature`: the mean curvature at `t = 0` of the orbit curves
   `t -> expm(t M) · w` over random Lie-algebra directions `M`; data-free.
 - `hessian_top_eigenvalue` (power iteration on Hessian-vector products) and
   `hessian_trace` (Hutchinson's estimator with Rademacher vectors).
 """
+
+import math
+import numbers
 
 import keras
 import numpy as np
@@ -65,20 +69,33 @@ def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
               seed=0, loss=None, batch_size=None):
     """Mean loss around the weights, the paper's way or the isotropic way.
 
+    The isotropic estimate uses antithetic pairs: each sampled direction `d`
+    is evaluated at `w + r d/||d||` and at `w - r d/||d||`, and the change is
+    the mean of the two minus `L(w)`. Since `-d` is as likely as `d`, this
+    estimates the same mean change without bias, and the first-order term
+    `r g.d/||d||` cancels exactly instead of dominating the estimate away
+    from a minimum; for a quadratic loss what remains is
+    `r^2/2 d^T H d/||d||^2`.
+
     Args:
         model: A built `keras.Model`.
         x: Inputs (array).
         y: Targets (array).
         kind: `"paper"` (mean of `L(w + r d/||d||)`, `d ~ U[0,1]^P`) or
             `"isotropic"` (mean of `L(w + r d/||d||) - L(w)`, `d` uniform on
-            the sphere). Defaults to `"paper"`.
-        radii: Radii `r`. Defaults to `DEFAULT_RADII` (0.001 to 0.2).
-        directions: Random directions per radius. Defaults to `10`.
+            the sphere, in antithetic pairs `d, -d`). Defaults to `"paper"`.
+        radii: Radii `r`, a non-empty sequence of finite positive numbers.
+            Defaults to `DEFAULT_RADII` (0.001 to 0.2).
+        directions: Random directions `d` sampled per radius, a positive
+            integer. With `"isotropic"` each is evaluated together with
+            its opposite `-d`, so the loss is evaluated at
+            `2 * directions` points per radius; with `"paper"` at
+            `directions` points. Defaults to `10`.
         seed: Seed of the directions; the same directions serve every
             batch. Defaults to `0`.
         loss: Loss (name or callable); defaults to the compiled one.
-        batch_size: Examples per evaluation, or `None` for all at once.
-            Defaults to `None`.
+        batch_size: Examples per evaluation, a positive integer, or `None`
+            for all at once. Defaults to `None`.
 
     Returns:
         A Python float.
@@ -87,23 +104,29 @@ def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
         raise ValueError(
             f"Unknown `kind` {kind!r}. Accepted values: ['paper', 'isotropic']."
         )
-    if not _is_positive_int(directions):
-        raise ValueError(
-            f"`directions` must be a positive integer. Received: {directions!r}"
-        )
+    radii = _check_radii(radii)
+    _check_count("directions", directions)
+    _check_batch_size(batch_size)
     f = _model_loss(model, _loss_fn(model, loss))
     weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
-    radii = tf.constant([float(r) for r in radii], weights[0].dtype)
+    radii = tf.constant(radii, weights[0].dtype)
+
+    def moved(r, direction):
+        return [w + r * u for w, u in zip(weights, direction)]
 
     # One trace serves every direction and batch.
     @tf.function(autograph=False)
     def mean_over_radii(direction, bx, by):
+        if kind == "paper":
+            return tf.reduce_mean(
+                tf.map_fn(lambda r: f(moved(r, direction), bx, by), radii))
+        # Antithetic pair: the linear term cancels between `d` and `-d`.
         values = tf.map_fn(
-            lambda r: f([w + r * u for w, u in zip(weights, direction)], bx, by),
+            lambda r: (f(moved(r, direction), bx, by)
+                       + f(moved(-r, direction), bx, by)) / 2,
             radii,
         )
-        mean = tf.reduce_mean(values)
-        return mean - f(weights, bx, by) if kind == "isotropic" else mean
+        return tf.reduce_mean(values) - f(weights, bx, by)
 
     rng = np.random.default_rng(seed)
     total = 0.0
@@ -123,6 +146,14 @@ def orbit_derivatives(curve, t0=0.0):
 
     Forward-mode automatic differentiation, nested for the second
     derivative.
+
+    Args:
+        curve: A function of a float32 scalar tensor `t` returning a list
+            of tensors, the point `gamma(t)`.
+        t0: Where to differentiate. Defaults to `0.0`.
+
+    Returns:
+        A pair of lists of tensors, `gamma'(t0)` and `gamma''(t0)`.
     """
     t = tf.constant(t0, tf.float32)
     one = tf.constant(1.0, tf.float32)
@@ -184,12 +215,14 @@ def orbit_curvature(model, directions=10, group="auto", seed=0):
     For each random direction `M` (one `h x h` matrix per junction, entries
     `U[0, 1]`, unit Frobenius norm over all junctions; diagonal for the
     scaling group), the curvature at `t = 0` of `gamma(t) = expm(t M)·w`,
-    with derivatives from forward-mode autodiff. Data-free.
+    with derivatives from forward-mode autodiff, in one compiled function
+    traced once per call. Data-free.
 
     Args:
         model: A built `keras.Model` with exact junctions
             (`keras_teleport.find_symmetries`).
-        directions: Number of random directions. Defaults to `10`.
+        directions: Number of random directions, a positive integer.
+            Defaults to `10`.
         group: `"auto"` (GL where exact, scaling elsewhere), `"scaling"` or
             `"gl"` (only junctions where GL is exact). Defaults to `"auto"`.
         seed: Seed of the directions. Defaults to `0`.
@@ -202,6 +235,7 @@ def orbit_curvature(model, directions=10, group="auto", seed=0):
             f"Unknown `group` {group!r}. Accepted values: "
             "['auto', 'scaling', 'gl']."
         )
+    _check_count("directions", directions)
     found = symmetries.find_symmetries(model)
     junctions, diagonal = [], []
     for j in found.junctions:
@@ -214,6 +248,13 @@ def orbit_curvature(model, directions=10, group="auto", seed=0):
             f"Model {model.name!r} has no junction for group={group!r}:\n"
             + found.describe()
         )
+
+    # The directions are arguments of fixed shapes: one trace per call.
+    @tf.function(autograph=False)
+    def curvature(ms):
+        first, second = orbit_derivatives(_junction_curve(junctions, ms))
+        return curve_curvature(first, second)
+
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(directions):
@@ -223,8 +264,7 @@ def orbit_curvature(model, directions=10, group="auto", seed=0):
             ms.append(np.diag(np.diag(m)) if diag else m)
         norm = np.sqrt(sum((m ** 2).sum() for m in ms))
         ms = [tf.constant(m / norm, tf.float32) for m in ms]
-        first, second = orbit_derivatives(_junction_curve(junctions, ms))
-        values.append(float(curve_curvature(first, second)))
+        values.append(float(curvature(ms)))
     return float(np.mean(values))
 
 
@@ -254,38 +294,64 @@ def _batched_hvp(hvp, weights, vector, x, y, batch_size):
 
 
 def hessian_top_eigenvalue(model, x, y, iterations=20, seed=0, loss=None,
-                           batch_size=None):
+                           batch_size=None, tolerance=None):
     """Largest-magnitude Hessian eigenvalue by power iteration.
 
     Each iteration is one Hessian-vector product (forward-over-reverse
     autodiff) averaged over batches; returns the Rayleigh quotient of the
-    last iterate.
+    last iterate. With a `tolerance`, the iteration stops early once the
+    Rayleigh quotient changes by at most `tolerance` relative to its new
+    value, `|q_k - q_{k-1}| <= tolerance * |q_k|`; `iterations` is then the
+    maximum. A small change is not proof of convergence when the top two
+    eigenvalue magnitudes are close. If a Hessian-vector product is exactly
+    zero, returns its Rayleigh quotient, `0.0`.
 
     Args:
         model: A built `keras.Model`.
         x: Inputs (array).
         y: Targets (array).
-        iterations: Power iterations. Defaults to `20`.
+        iterations: Power iterations (the maximum, with a `tolerance`), a
+            positive integer. Defaults to `20`.
         seed: Seed of the start vector. Defaults to `0`.
         loss: Loss; defaults to the compiled one.
-        batch_size: Examples per Hessian-vector product, or `None` for all.
-            Defaults to `None`.
+        batch_size: Examples per Hessian-vector product, a positive
+            integer, or `None` for all. Defaults to `None`.
+        tolerance: Relative change of the Rayleigh quotient between two
+            iterations at or below which to stop early, a finite number
+            `>= 0`, or `None` to always run all `iterations`. Defaults to
+            `None`.
 
     Returns:
         A Python float.
     """
+    _check_count("iterations", iterations)
+    _check_batch_size(batch_size)
+    if tolerance is not None and not (
+            isinstance(tolerance, numbers.Real)
+            and not isinstance(tolerance, bool)
+            and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(
+            "`tolerance` must be None or a finite number >= 0. Received: "
+            f"tolerance={tolerance!r}"
+        )
     hvp = _hvp_fn(model, _loss_fn(model, loss))
     weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
     rng = np.random.default_rng(seed)
     v = [tf.constant(rng.normal(size=w.shape), w.dtype) for w in weights]
-    value = 0.0
+    value = None
     for _ in range(iterations):
         norm = tf.sqrt(tf.add_n([tf.reduce_sum(a * a) for a in v]))
+        if float(norm) == 0.0:
+            break  # H v = 0 for the last iterate: its quotient is 0.
         v = [a / norm for a in v]
         hv = _batched_hvp(hvp, weights, v, x, y, batch_size)
+        previous = value
         value = float(tf.add_n([tf.reduce_sum(a * b) for a, b in zip(v, hv)]))
         v = hv
-    return value
+        if (tolerance is not None and previous is not None
+                and abs(value - previous) <= tolerance * abs(value)):
+            break
+    return 0.0 if value is None else value
 
 
 def hessian_trace(model, x, y, samples=20, seed=0, loss=None,
@@ -296,15 +362,18 @@ def hessian_trace(model, x, y, samples=20, seed=0, loss=None,
         model: A built `keras.Model`.
         x: Inputs (array).
         y: Targets (array).
-        samples: Rademacher vectors `v`. Defaults to `20`.
+        samples: Rademacher vectors `v`, a positive integer. Defaults to
+            `20`.
         seed: Seed of the vectors. Defaults to `0`.
         loss: Loss; defaults to the compiled one.
-        batch_size: Examples per Hessian-vector product, or `None` for all.
-            Defaults to `None`.
+        batch_size: Examples per Hessian-vector product, a positive
+            integer, or `None` for all. Defaults to `None`.
 
     Returns:
         A Python float.
     """
+    _check_count("samples", samples)
+    _check_batch_size(batch_size)
     hvp = _hvp_fn(model, _loss_fn(model, loss))
     weights = [tf.convert_to_tensor(v) for v in model.trainable_variables]
     rng = np.random.default_rng(seed)
@@ -318,4 +387,37 @@ def hessian_trace(model, x, y, samples=20, seed=0, loss=None,
 
 
 def _is_positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and value > 0)
+
+
+def _check_count(name, value):
+    """Raises unless `value` is a positive integer."""
+    if not _is_positive_int(value):
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+
+
+def _check_batch_size(batch_size):
+    """Raises unless `batch_size` is `None` or a positive integer."""
+    if batch_size is not None and not _is_positive_int(batch_size):
+        raise ValueError(
+            "`batch_size` must be None or a positive integer. Received: "
+            f"batch_size={batch_size!r}"
+        )
+
+
+def _check_radii(radii):
+    """`radii` as a tuple of floats; raises unless non-empty, finite, > 0."""
+    try:
+        values = (None if isinstance(radii, (str, bytes))
+                  else tuple(float(r) for r in radii))
+    except (TypeError, ValueError):
+        values = None
+    if not values or not all(math.isfinite(r) and r > 0 for r in values):
+        raise ValueError(
+            "`radii` must be a non-empty sequence of finite numbers > 0. "
+            f"Received: radii={radii!r}"
+        )
+    return values

@@ -169,6 +169,23 @@ def test_curvature_objective_moves_the_measure_and_keeps_the_outputs(
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("objective", objectives.CURVATURE_OBJECTIVES)
+def test_curvature_objective_under_gl_on_linear_junctions(objective):
+    model = mlp("linear")
+    x, y = data()
+    curvature = measures.orbit_curvature(model, directions=60, seed=11)
+    outputs = model.predict(x, verbose=0)
+    optimizer = teleported(model, objective)  # group="auto": GL here
+    model.fit(x, y, batch_size=len(x), verbose=0)
+    assert optimizer._plan.indices[0].group.name == "gl"
+    assert optimizer.teleport_metrics["teleports"] == 1
+    after = measures.orbit_curvature(model, directions=60, seed=11)
+    assert (after > curvature) if objective == "max_curvature" else (
+        after < curvature)
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_curvature_teleport_then_step_uses_the_gradient_at_the_new_point():
     # SGD after a teleport: w' = g·w - lr grad L(g·w), with g read off the
     # optimizer's record and the gradient taken by a tape at g·w.
