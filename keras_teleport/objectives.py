@@ -218,37 +218,47 @@ def sharpness(loss_at, weights, directions, radii=SHARPNESS_RADII):
 
 
 def curvature_directions(plan, count, seed, dtype=tf.float32):
-    """`count` random Lie-algebra directions, one element per junction each.
+    """`count` random Lie-algebra directions, stacked: one `(count, ...)`
+    tensor per junction.
 
     As the curvature measure: entries `U[0, 1]` (the diagonal for the
-    scaling group), unit Frobenius norm over all junctions together.
+    scaling group), each direction of unit Frobenius norm over all
+    junctions together.
     """
-    directions = []
-    for k in range(count):
-        parts = [
-            tf.random.stateless_uniform(
-                j.group.record_shape(j.width),
-                seed=seed + tf.constant([k, n], seed.dtype), dtype=dtype)
-            for n, j in enumerate(plan)
-        ]
-        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(p)) for p in parts]))
-        directions.append([p / norm for p in parts])
-    return directions
+    parts = [
+        tf.random.stateless_uniform(
+            (count,) + tuple(j.group.record_shape(j.width)),
+            seed=seed + tf.constant([0, n], seed.dtype), dtype=dtype)
+        for n, j in enumerate(plan)
+    ]
+    norms = tf.sqrt(tf.add_n([_batch_sum(tf.square(p)) for p in parts]))
+    return [p / tf.reshape(norms, [-1] + [1] * (p.shape.rank - 1))
+            for p in parts]
+
+
+def _batch_sum(x):
+    """Sums over every axis but the first."""
+    return tf.reduce_sum(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
+
+
+# The orbit's derivatives below work on a leading batch axis of directions:
+# `x` is `(1 or K, ...)` (a weight or a derivative), `m` is `(K, ...)`.
 
 
 def _algebra_in(group, x, m):
-    """`x m` for an incoming kernel or bias and an algebra element `m`."""
+    """`x m` for an incoming kernel or bias and algebra elements `m`."""
     if group.name == "scaling":
-        return x * m
-    if x.shape.rank == 1:
-        return tf.linalg.matvec(m, x, transpose_a=True)
+        return x * (m[:, None, :] if x.shape.rank == 3 else m)
+    if x.shape.rank == 2:  # bias
+        return tf.einsum("kh,khj->kj", tf.broadcast_to(
+            x, [tf.shape(m)[0], x.shape[-1]]), m)
     return tf.matmul(x, m)
 
 
 def _algebra_out(group, x, m):
     """`m x` for an outgoing kernel."""
     if group.name == "scaling":
-        return x * m[:, None]
+        return x * m[:, :, None]
     return tf.matmul(m, x)
 
 
@@ -262,8 +272,8 @@ def _sides(plan):
     return sides
 
 
-def orbit_jet(plan, weights, direction):
-    """Velocity and acceleration at `t = 0` of `t -> exp(t M)·w`.
+def orbit_jet(plan, weights, directions):
+    """Velocities and accelerations at `t = 0` of `t -> exp(t M)·w`.
 
     A kernel `W` moved on the left by junction A and on the right by
     junction B follows `exp(-t A) W exp(t B)`, so `W' = W B - A W` and
@@ -272,23 +282,30 @@ def orbit_jet(plan, weights, direction):
     Args:
         plan: list of `JunctionIndices`.
         weights: dict from position to weight tensor.
-        direction: one algebra element per junction.
+        directions: one `(K, ...)` stack of algebra elements per junction
+            (K directions at once).
 
     Returns:
-        `(velocity, acceleration)`, lists over the plan's positions.
+        `(velocity, acceleration)`, lists over the plan's positions of
+        `(K, ...)` tensors.
     """
     first, second = [], []
     for p, (left, right) in sorted(_sides(plan).items()):
-        w = weights[p]
-        right_w = (_algebra_in(plan[right].group, w, direction[right])
-                   if right is not None else tf.zeros_like(w))
-        v, a = right_w, (_algebra_in(plan[right].group, right_w, direction[right])
-                         if right is not None else tf.zeros_like(w))
+        w = weights[p][None]
+        v = a = tf.zeros_like(w)
+        right_w = w
+        if right is not None:
+            group, m = plan[right].group, directions[right]
+            right_w = _algebra_in(group, w, m)
+            v = right_w
+            a = _algebra_in(group, right_w, m)
         if left is not None:
-            group, m = plan[left].group, direction[left]
-            v = v - _algebra_out(group, w, m)
-            a = (a - 2.0 * _algebra_out(group, right_w, m)
-                 + _algebra_out(group, _algebra_out(group, w, m), m))
+            group, m = plan[left].group, directions[left]
+            left_w = _algebra_out(group, w, m)
+            v = v - left_w
+            a = a + _algebra_out(group, left_w, m)
+            if right is not None:
+                a = a - 2.0 * _algebra_out(group, right_w, m)
         first.append(v)
         second.append(a)
     return first, second
@@ -302,20 +319,30 @@ def curve_curvature(first, second):
 
 
 def orbit_curvature(plan, weights, directions):
-    """Mean curvature at `w` of the orbit curves along `directions`."""
-    values = [curve_curvature(*orbit_jet(plan, weights, m)) for m in directions]
-    return tf.add_n(values) / len(values)
+    """Mean curvature at `w` of the orbit curves along `directions`.
+
+    Args:
+        plan: list of `JunctionIndices`.
+        weights: dict from position to weight tensor.
+        directions: as from `curvature_directions`.
+    """
+    first, second = orbit_jet(plan, weights, directions)
+    dot = lambda a, b: tf.add_n([_batch_sum(p * q) for p, q in zip(a, b)])
+    v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
+    kappa = tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
+    return tf.reduce_mean(kappa)
 
 
 def tangent_move(plan, weights, step):
     """`w + d/dt (exp(t M)·w)` at `t = 0` with `M = step`: first order."""
     moved = dict(weights)
+    step = [m[None] for m in step]
     for p, (left, right) in _sides(plan).items():
-        w = weights[p]
+        w = weights[p][None]
         if right is not None:
-            moved[p] = moved[p] + _algebra_in(plan[right].group, w, step[right])
+            moved[p] = moved[p] + _algebra_in(plan[right].group, w, step[right])[0]
         if left is not None:
-            moved[p] = moved[p] - _algebra_out(plan[left].group, w, step[left])
+            moved[p] = moved[p] - _algebra_out(plan[left].group, w, step[left])[0]
     return moved
 
 

@@ -493,7 +493,7 @@ class Teleport(keras.optimizers.Optimizer):
     def _make_ascent(self, indices):
         """The ascent as one XLA cluster: its many small ops, fused, cost a
         fraction of a train step even when the train step itself is not
-        compiled."""
+        compiled (the gradient-norm ascent everywhere, curvature on GPU)."""
 
         if self.objective in objectives.CURVATURE_OBJECTIVES:
 
@@ -515,7 +515,11 @@ class Teleport(keras.optimizers.Optimizer):
                     indices, grads, self.steps, self.teleport_lr, limit
                 )
 
-        return tf.function(ascent, jit_compile=True, autograph=False)
+        # The curvature ascent is larger and meant for rare teleports: on
+        # CPU its XLA compile costs seconds that the runs never repay.
+        jit = self.objective == "grad_norm" or bool(
+            tf.config.list_logical_devices("GPU"))
+        return tf.function(ascent, jit_compile=jit, autograph=False)
 
     def _data_chain(self, model, var_list):
         """The chain for the data-dependent action, or None if not used.

@@ -56,7 +56,7 @@ def test_curvature_of_a_one_unit_scaling_orbit_is_the_hyperbola_formula():
     a, b = 1.5, 0.4
     plan = [objectives.JunctionIndices(groups.get("scaling"), 1, (0,), 1)]
     weights = {0: tf.constant([[a]]), 1: tf.constant([[b]])}
-    value = objectives.orbit_curvature(plan, weights, [[tf.constant([1.0])]])
+    value = objectives.orbit_curvature(plan, weights, [tf.constant([[1.0]])])
     np.testing.assert_allclose(float(value), 2 * a * b / (a * a + b * b) ** 1.5,
                                rtol=1e-6)
 
@@ -72,8 +72,9 @@ def test_closed_form_orbit_jet_matches_forward_mode(activation, group):
     ours = float(objectives.orbit_curvature(plan, weights_of(model), directions))
     junctions = keras_teleport.find_symmetries(model).junctions
     reference = []
-    for direction in directions:
-        ms = [tf.linalg.diag(m) if group == "scaling" else m for m in direction]
+    for k in range(3):
+        ms = [tf.linalg.diag(m[k]) if group == "scaling" else m[k]
+              for m in directions]
         first, second = measures.orbit_derivatives(
             measures._junction_curve(junctions, ms))
         reference.append(float(measures.curve_curvature(first, second)))
