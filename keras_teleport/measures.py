@@ -86,14 +86,15 @@ def sharpness(model, x, y, kind="paper", radii=DEFAULT_RADII, directions=10,
             the sphere, in antithetic pairs `d, -d`). Defaults to `"paper"`.
         radii: Radii `r`, a non-empty sequence of finite positive numbers.
             Defaults to `DEFAULT_RADII` (0.001 to 0.2).
-        directions: Random directions `d` sampled per radius, a positive
-            integer. With `"isotropic"` each is evaluated together with
-            its opposite `-d`, so the loss is evaluated at
+        directions: Random directions `d` (the same for every radius), a
+            positive integer. With `"isotropic"` each is evaluated together
+            with its opposite `-d`, so the loss is evaluated at
             `2 * directions` points per radius; with `"paper"` at
             `directions` points. Defaults to `10`.
         seed: Seed of the directions; the same directions serve every
             batch. Defaults to `0`.
-        loss: Loss (name or callable); defaults to the compiled one.
+        loss: Loss (name or callable), or `None` for the compiled one.
+            Defaults to `None`.
         batch_size: Examples per evaluation, a positive integer, or `None`
             for all at once. Defaults to `None`.
 
@@ -145,16 +146,30 @@ def orbit_derivatives(curve, t0=0.0):
     """`(gamma'(t0), gamma''(t0))` of `curve(t) -> list of tensors`.
 
     Forward-mode automatic differentiation, nested for the second
-    derivative.
+    derivative, always in a graph: called eagerly, it traces a
+    `tf.function` for the call.
 
     Args:
         curve: A function of a float32 scalar tensor `t` returning a list
-            of tensors, the point `gamma(t)`.
+            of tensors, the point `gamma(t)`; it must be traceable by
+            `tf.function`.
         t0: Where to differentiate. Defaults to `0.0`.
 
     Returns:
         A pair of lists of tensors, `gamma'(t0)` and `gamma''(t0)`.
     """
+    if tf.executing_eagerly():
+        # Eager nested forward mode breaks in TF 2.21 once the process has
+        # traced an op's JVP for 32 shapes: TF then switches to shape-relaxed
+        # JVP functions, on which the outer accumulator fails ("Inputs to
+        # operation ... AddN ... must have the same size and shape"). The
+        # same computation in a graph does not.
+        return tf.function(lambda: _orbit_derivatives(curve, t0),
+                           autograph=False)()
+    return _orbit_derivatives(curve, t0)
+
+
+def _orbit_derivatives(curve, t0):
     t = tf.constant(t0, tf.float32)
     one = tf.constant(1.0, tf.float32)
     # Nested accumulators on the same `t` give d/dt and d2/dt2.
@@ -163,7 +178,7 @@ def orbit_derivatives(curve, t0=0.0):
             points = curve(t)
         first = [inner.jvp(p) for p in points]
     second = [outer.jvp(d) for d in first]
-    return first, second
+    return list(first), list(second)
 
 
 def _exp_jet(a):
@@ -270,6 +285,7 @@ def orbit_curvature(model, directions=10, group="auto", seed=0):
 
 def _hvp_fn(model, loss_fn):
     f = _model_loss(model, loss_fn)
+    zero = tf.UnconnectedGradients.ZERO
 
     @tf.function(autograph=False)
     def hvp(weights, vector, bx, by):
@@ -277,8 +293,10 @@ def _hvp_fn(model, loss_fn):
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 loss = f(weights, bx, by)
-            grads = tape.gradient(loss, weights)
-        return [acc.jvp(g) for g in grads]
+            # Zeros, not None, where the loss (or its gradient) does not
+            # depend on a weight: a linear loss has a zero Hessian.
+            grads = tape.gradient(loss, weights, unconnected_gradients=zero)
+        return [acc.jvp(g, unconnected_gradients=zero) for g in grads]
 
     return hvp
 
@@ -313,7 +331,8 @@ def hessian_top_eigenvalue(model, x, y, iterations=20, seed=0, loss=None,
         iterations: Power iterations (the maximum, with a `tolerance`), a
             positive integer. Defaults to `20`.
         seed: Seed of the start vector. Defaults to `0`.
-        loss: Loss; defaults to the compiled one.
+        loss: Loss (name or callable), or `None` for the compiled one.
+            Defaults to `None`.
         batch_size: Examples per Hessian-vector product, a positive
             integer, or `None` for all. Defaults to `None`.
         tolerance: Relative change of the Rayleigh quotient between two
@@ -365,7 +384,8 @@ def hessian_trace(model, x, y, samples=20, seed=0, loss=None,
         samples: Rademacher vectors `v`, a positive integer. Defaults to
             `20`.
         seed: Seed of the vectors. Defaults to `0`.
-        loss: Loss; defaults to the compiled one.
+        loss: Loss (name or callable), or `None` for the compiled one.
+            Defaults to `None`.
         batch_size: Examples per Hessian-vector product, a positive
             integer, or `None` for all. Defaults to `None`.
 

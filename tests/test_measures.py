@@ -1,6 +1,7 @@
 """Measures against closed forms, finite differences and dense Hessians."""
 
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -60,9 +61,10 @@ def dense_hessian(model, x, y, loss):
 
 
 def test_isotropic_sharpness_of_quadratic_matches_closed_form():
-    # For a quadratic loss, L(w + r u) - L(w) = r g.u + r^2/2 u^T H u; over
-    # the sphere E[u] = 0 and E[u^T H u] = tr(H)/P, so the mean change over
-    # many directions tends to r^2 tr(H) / (2P), averaged over radii.
+    # For a quadratic loss, L(w + r u) - L(w) = r g.u + r^2/2 u^T H u; the
+    # antithetic pair u, -u cancels r g.u (and E[u] = 0 anyway), and over
+    # the sphere E[u^T H u] = tr(H)/P, so the mean change over many
+    # directions tends to r^2 tr(H) / (2P), averaged over radii.
     model, x, y = linear_regression()
     hessian = 2 * x.T.astype("float64") @ x / len(x)  # MSE in the kernel
     radii = (0.5, 1.0)
@@ -70,6 +72,82 @@ def test_isotropic_sharpness_of_quadratic_matches_closed_form():
     got = measures.sharpness(model, x, y, kind="isotropic", radii=radii,
                              directions=3000, seed=1)
     np.testing.assert_allclose(got, expected, rtol=0.1)
+
+
+def quadratic_problem(a, b, w, dtype="float32"):
+    """A model whose loss is exactly `0.5 w^T A w + b^T w` in its kernel.
+
+    The inputs are the identity, so the outputs are the kernel `w` itself;
+    the loss is passed as a callable (targets `b`).
+    """
+    p = len(w)
+    model = keras.Sequential([
+        keras.Input((p,)),
+        keras.layers.Dense(1, use_bias=False, dtype=dtype),
+    ])
+    model.layers[0].kernel.assign(np.reshape(w, (p, 1)))
+    a_tensor = tf.constant(a, dtype)
+
+    def loss(y_true, y_pred):
+        y_pred = tf.cast(y_pred, dtype)
+        return (0.5 * tf.reduce_sum(y_pred * tf.matmul(a_tensor, y_pred))
+                + tf.reduce_sum(tf.cast(y_true, dtype) * y_pred))
+
+    x = np.eye(p, dtype=dtype)
+    return model, x, np.reshape(b, (p, 1)).astype(dtype), loss
+
+
+def sphere_directions(seed, count, p):
+    """The isotropic directions of `sharpness` (one (P, 1) kernel)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        d = rng.normal(size=(p, 1)).ravel()
+        out.append(d / np.linalg.norm(d))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("directions", [1, 2, 7])
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-9), ("float32", 2e-5)])
+def test_isotropic_sharpness_of_scaled_identity_is_exact(directions, dtype,
+                                                         rtol):
+    # L(w) = c/2 |w|^2 + b.w with b != 0, so the gradient c w + b is not 0.
+    # With antithetic pairs, (L(w + r u) + L(w - r u))/2 - L(w) = c r^2/2
+    # |u|^2 = c r^2/2 for every unit u: exact for any number of directions.
+    rng = np.random.default_rng(directions)
+    p, c = 6, 1.7
+    w, b = rng.normal(size=p), rng.normal(size=p) + 2.0
+    radii = (0.05, 0.3, 1.0)
+    model, x, y, loss = quadratic_problem(c * np.eye(p), b, w, dtype)
+    got = measures.sharpness(model, x, y, kind="isotropic", radii=radii,
+                             directions=directions, seed=4, loss=loss)
+    expected = np.mean([c * r ** 2 / 2 for r in radii])
+    np.testing.assert_allclose(got, expected, rtol=rtol)
+    # One-sided directions would keep r g.u, which at these radii is far
+    # larger than the tolerance: the check above can tell them apart.
+    grad = c * w + b
+    one_sided = np.mean([r * grad @ u + c * r ** 2 / 2 for r in radii
+                         for u in sphere_directions(4, directions, p)])
+    assert abs(one_sided - expected) > 100 * rtol * expected
+
+
+def test_isotropic_sharpness_of_general_quadratic_matches_numpy():
+    # A general symmetric (indefinite) A: the pairs leave exactly
+    # r^2/2 u^T A u, so the estimate is mean_r r^2/2 * mean_u u^T A u over
+    # the same seeded directions, with no trace of the gradient A w + b.
+    rng = np.random.default_rng(0)
+    p = 5
+    m = rng.normal(size=(p, p))
+    a = (m + m.T) / 2
+    w, b = rng.normal(size=p), 3 * rng.normal(size=p)
+    radii = (0.1, 0.7)
+    model, x, y, loss = quadratic_problem(a, b, w, "float64")
+    got = measures.sharpness(model, x, y, kind="isotropic", radii=radii,
+                             directions=9, seed=11, loss=loss)
+    u = sphere_directions(11, 9, p)
+    quad = np.mean(np.einsum("ni,ij,nj->n", u, a, u))
+    expected = np.mean([r ** 2 / 2 for r in radii]) * quad
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
 
 
 def test_paper_sharpness_of_quadratic_matches_numpy():
@@ -97,19 +175,28 @@ def test_sharpness_is_the_same_batched():
 
 
 def test_isotropic_directions_are_uniform_on_the_sphere():
-    # Uniform on the sphere in R^P: each coordinate has mean 0 and second
-    # moment 1/P; checked statistically on the linear model (P = 3) through
-    # the loss change, which is linear in u for tiny radii:
-    # mean change / r ~ g.E[u] = 0, with spread |g|/sqrt(P n).
+    # With antithetic pairs the first-order term cancels for any symmetric
+    # distribution, so uniformity shows in the second moment instead: for
+    # u uniform on the sphere in R^P, E[u^T H u] = tr(H)/P and
+    # Var[u^T H u] = 2 (P tr(H^2) - tr(H)^2) / (P^2 (P + 2)). The linear
+    # model's loss is quadratic (P = 3), so each pair gives r^2/2 u^T H u.
     model, x, y = linear_regression(seed=3)
-    r = 1e-3
+    hessian = 2 * x.T.astype("float64") @ x / len(x)
+    p, n, r = 3, 4000, 0.5
     got = measures.sharpness(model, x, y, kind="isotropic", radii=(r,),
-                             directions=4000, seed=2)
-    w = model.get_weights()[0].astype("float64")
-    grad = 2 * x.T @ (x @ w - y) / len(x)
-    spread = np.linalg.norm(grad) / np.sqrt(3 * 4000)
-    # The second-order term r^2 tr(H)/(2P) is negligible at r = 1e-3.
-    assert abs(got / r) < 4 * spread
+                             directions=n, seed=2)
+    tr, tr2 = np.trace(hessian), np.trace(hessian @ hessian)
+    expected = r ** 2 / 2 * tr / p
+    spread = r ** 2 / 2 * np.sqrt(2 * (p * tr2 - tr ** 2)
+                                  / (p ** 2 * (p + 2)) / n)
+    assert abs(got - expected) < 4 * spread
+    # Directions U[0, 1]^P (the paper's) would be far off: E[u^T H u] then
+    # includes the off-diagonal entries of H.
+    rng = np.random.default_rng(0)
+    d = rng.uniform(size=(20000, p))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    orthant = r ** 2 / 2 * np.mean(np.einsum("ni,ij,nj->n", d, hessian, d))
+    assert abs(orthant - expected) > 8 * spread
 
 
 def test_curvature_of_circle_is_one_over_radius():
@@ -144,16 +231,15 @@ def test_rotation_orbit_of_a_junction_is_a_circle():
                                1 / r, rtol=1e-5)
 
 
-def test_orbit_curvature_matches_finite_differences():
-    model, _, _ = small_model(seed=4)
-    got = measures.orbit_curvature(model, directions=3, seed=5)
-    # Rebuild the same directions and differentiate the orbit numerically.
+def finite_difference_orbits(model, seed, count):
+    """`(directions, curvature)` of `orbit_curvature`'s seeded directions,
+    the curvature from central finite differences of the true orbit."""
     from keras_teleport import find_symmetries
 
     junctions = find_symmetries(model).junctions
-    rng = np.random.default_rng(5)
-    values = []
-    for _ in range(3):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
         ms = []
         for j in junctions:
             m = rng.uniform(size=(j.width, j.width))
@@ -181,9 +267,67 @@ def test_orbit_curvature_matches_finite_differences():
         p_minus, p0, p_plus = point(-h), point(0.0), point(h)
         d1 = (p_plus - p_minus) / (2 * h)
         d2 = (p_plus - 2 * p0 + p_minus) / h ** 2
-        values.append(np.sqrt(max(d1 @ d1 * (d2 @ d2) - (d1 @ d2) ** 2, 0))
-                      / (d1 @ d1) ** 1.5)
-    np.testing.assert_allclose(got, np.mean(values), rtol=1e-3)
+        out.append((ms, np.sqrt(max(d1 @ d1 * (d2 @ d2) - (d1 @ d2) ** 2, 0))
+                    / (d1 @ d1) ** 1.5))
+    return junctions, out
+
+
+def test_orbit_curvature_matches_finite_differences():
+    model, _, _ = small_model(seed=4)
+    got = measures.orbit_curvature(model, directions=3, seed=5)
+    # Rebuild the same directions and differentiate the orbit numerically.
+    _, orbits = finite_difference_orbits(model, seed=5, count=3)
+    np.testing.assert_allclose(got, np.mean([c for _, c in orbits]),
+                               rtol=1e-3)
+
+
+def test_orbit_derivatives_survive_shape_relaxed_forward_mode(monkeypatch):
+    # Once an op's JVP has been traced for 32 shapes in a process, TF
+    # switches forward mode to shape-relaxed JVP functions, on which eager
+    # nested forward mode failed (AddN of mismatched shapes along the
+    # junction matmuls); forcing the switch from the start reproduces it.
+    from tensorflow.python.eager import forwardprop
+
+    monkeypatch.setattr(forwardprop, "_TRACE_COUNT_LIMIT", 0)
+    # Widths no other test uses: JVPs already traced for exact shapes would
+    # be reused and hide the relaxed ones.
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([
+        keras.Input((17,)),
+        keras.layers.Dense(13, activation="relu"),
+        keras.layers.Dense(11),
+        keras.layers.Dense(2),
+    ])
+    junctions, orbits = finite_difference_orbits(model, seed=5, count=3)
+    got = measures.orbit_curvature(model, directions=3, seed=5)
+    np.testing.assert_allclose(got, np.mean([c for _, c in orbits]),
+                               rtol=1e-3)
+    # Called eagerly, as the reference in tests/test_objectives.py does.
+    ms, expected = orbits[0]
+    curve = measures._junction_curve(
+        junctions, [tf.constant(m, tf.float32) for m in ms])
+    first, second = measures.orbit_derivatives(curve)
+    np.testing.assert_allclose(
+        float(measures.curve_curvature(first, second)), expected, rtol=1e-3)
+
+
+def test_orbit_curvature_is_compiled_once_per_call(monkeypatch):
+    # The per-direction computation is one tf.function whose arguments are
+    # the directions: its Python body (and so `orbit_derivatives`) runs only
+    # while tracing, once per call however many directions there are.
+    model, _, _ = small_model(seed=4)
+    calls = []
+    original = measures.orbit_derivatives
+
+    def counting(curve, t0=0.0):
+        calls.append(tf.executing_eagerly())
+        return original(curve, t0)
+
+    monkeypatch.setattr(measures, "orbit_derivatives", counting)
+    measures.orbit_curvature(model, directions=5, seed=5)
+    assert calls == [False]  # traced once, in graph mode
+    measures.orbit_curvature(model, directions=2, seed=6)
+    assert calls == [False, False]
 
 
 def test_power_iteration_matches_dense_hessian():
@@ -192,6 +336,64 @@ def test_power_iteration_matches_dense_hessian():
     expected = eigenvalues[np.argmax(np.abs(eigenvalues))]
     got = measures.hessian_top_eigenvalue(model, x, y, iterations=100)
     np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def counting_hvps(monkeypatch):
+    """Counts the Hessian-vector products (one per power iteration)."""
+    calls = []
+    original = measures._batched_hvp
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(measures, "_batched_hvp", counting)
+    return calls
+
+
+def test_power_iteration_with_tolerance_stops_early_at_the_eigenvalue(
+        monkeypatch):
+    model, x, y = small_model()
+    hessian = dense_hessian(model, x, y, XENT)
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    expected = eigenvalues[np.argmax(np.abs(eigenvalues))]
+    tolerance = 1e-4
+    # Reference: the same power iteration on the dense Hessian in float64,
+    # from the same seeded start vector, and where the rule stops it.
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(size=w.shape).ravel()
+                        for w in model.trainable_variables])
+    quotients = []
+    for _ in range(200):
+        v = v / np.linalg.norm(v)
+        quotients.append(v @ hessian @ v)
+        v = hessian @ v
+        if (len(quotients) > 1 and abs(quotients[-1] - quotients[-2])
+                <= tolerance * abs(quotients[-1])):
+            break
+    calls = counting_hvps(monkeypatch)
+    got = measures.hessian_top_eigenvalue(model, x, y, iterations=1000,
+                                          tolerance=tolerance)
+    assert abs(len(calls) - len(quotients)) <= 1 and len(calls) < 50
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+    np.testing.assert_allclose(got, quotients[len(calls) - 1], rtol=1e-4)
+    # Without a tolerance every iteration runs.
+    calls.clear()
+    measures.hessian_top_eigenvalue(model, x, y, iterations=7)
+    assert len(calls) == 7
+
+
+def test_power_iteration_on_a_zero_hessian_is_zero(monkeypatch):
+    # A loss linear in the weights: H = 0, so H v = 0 after the first
+    # product; the estimate is 0 (not NaN from normalising a zero vector).
+    model, x, y = linear_regression()
+    calls = counting_hvps(monkeypatch)
+    for tolerance in (None, 1e-3):
+        got = measures.hessian_top_eigenvalue(
+            model, x, y, iterations=5, tolerance=tolerance,
+            loss=lambda y_true, y_pred: tf.reduce_sum(y_pred))
+        assert got == 0.0
+    assert len(calls) == 2
 
 
 def test_hutchinson_matches_dense_hessian_trace():
@@ -206,14 +408,64 @@ def test_hutchinson_matches_dense_hessian_trace():
     assert abs(got - expected) < 4 * spread
 
 
-def test_bad_arguments():
+class UntouchableModel:
+    """Fails on any use: arguments must be checked before any work."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name}) before validation")
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = (
+    [("sharpness", "kind", v, "Accepted values") for v in ("nope", None)]
+    + [("sharpness", "directions", v, "positive integer")
+       for v in (0, -1, 2.5, True, "3", None)]
+    + [("sharpness", "radii", v, "non-empty sequence of finite numbers > 0")
+       for v in ((), [], (0.1, 0.0), (-0.1,), (NAN,), (0.1, INF), 0.1, "ab",
+                 (None,))]
+    + [("sharpness", "batch_size", v, "None or a positive integer")
+       for v in (0, -2, 1.5, False)]
+    + [("orbit_curvature", "directions", v, "positive integer")
+       for v in (0, -1, 1.0, None)]
+    + [("orbit_curvature", "group", "nope", "Accepted values")]
+    + [("hessian_top_eigenvalue", "iterations", v, "positive integer")
+       for v in (0, -1, 2.0, None)]
+    + [("hessian_top_eigenvalue", "batch_size", v, "None or a positive "
+        "integer") for v in (0, -4)]
+    + [("hessian_top_eigenvalue", "tolerance", v, "None or a finite number "
+        ">= 0") for v in (-1e-3, NAN, INF, "1e-3", True)]
+    + [("hessian_trace", "samples", v, "positive integer")
+       for v in (0, -3, 4.0, None)]
+    + [("hessian_trace", "batch_size", v, "None or a positive integer")
+       for v in (0, 2.5)]
+)
+
+
+@pytest.mark.parametrize("function,argument,value,accepted", BAD_ARGUMENTS)
+def test_bad_arguments(function, argument, value, accepted):
+    x, y = np.zeros((4, 4), "float32"), np.zeros(4)
+    data = () if function == "orbit_curvature" else (x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning on the way
+        with pytest.raises(ValueError) as info:
+            getattr(measures, function)(UntouchableModel(), *data,
+                                        **{argument: value})
+    message = str(info.value)
+    assert f"`{argument}`" in message and accepted in message
+
+
+def test_valid_edge_arguments_are_accepted():
+    # numpy integers count as integers; one direction, one radius, one
+    # iteration, one sample and a batch of one are all valid.
     model, x, y = small_model()
-    with pytest.raises(ValueError, match="kind"):
-        measures.sharpness(model, x, y, kind="nope")
-    with pytest.raises(ValueError, match="directions"):
-        measures.sharpness(model, x, y, directions=0)
-    with pytest.raises(ValueError, match="group"):
-        measures.orbit_curvature(model, group="nope")
+    whole = measures.sharpness(model, x, y, directions=2, radii=[0.1])
+    same = measures.sharpness(model, x, y, directions=np.int64(2),
+                              radii=np.array([0.1]), batch_size=np.int32(1))
+    np.testing.assert_allclose(same, whole, rtol=1e-5)
+    assert np.isfinite(measures.orbit_curvature(model, directions=1))
+    assert np.isfinite(measures.hessian_top_eigenvalue(
+        model, x, y, iterations=1, tolerance=0))
+    assert np.isfinite(measures.hessian_trace(model, x, y, samples=1))
 
 
 def test_measures_logger_adds_logs_and_tensorboard_runs(tmp_path):
