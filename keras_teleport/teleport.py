@@ -138,8 +138,9 @@ class Teleport(keras.optimizers.Optimizer):
             data-free, exact groups only.
             Sharpness and curvature take backtracking steps of length
             `teleport_lr` along their gradient in the Lie algebra (in `T`
-            for the data-dependent action), within the gradient norm cap. `"none"`: move nothing, only apply the `slots` policy
-            at the scheduled steps (a reset-only control run). Defaults to
+            for the data-dependent action), within the gradient norm cap.
+            `"none"`: move nothing, only apply the `slots` policy at the
+            scheduled steps (a reset-only control run). Defaults to
             `"grad_norm"`.
         max_grad_norm_ratio: Cap on the growth of that gradient norm (the
             orbit is unbounded). Teleports on consecutive steps count as
@@ -711,7 +712,19 @@ class Teleport(keras.optimizers.Optimizer):
                 plan.seed.assign(int(seed))
 
     def teleport_now(self):
-        """Runs one data-dependent teleport now (eagerly compiled)."""
+        """Runs one teleport on teleport data now (eagerly compiled).
+
+        For the teleports that run after the step on teleport data (the
+        data-dependent action, the sharpness objectives); the others run
+        inside the train step, from its gradient.
+        """
+        if not self.uses_teleport_data:
+            raise ValueError(
+                "teleport_now() runs teleports on teleport data (group='gl' "
+                "on leaky_relu junctions, or a sharpness objective), after "
+                f"build; this optimizer (group={self.group!r}, "
+                f"objective={self.objective!r}) teleports inside the train "
+                "step, from its mini-batch gradient.")
         if getattr(self._plan, "teleport_fn", None) is None:
             self._plan.teleport_fn = tf.function(self._data_teleport)
         return bool(self._plan.teleport_fn())

@@ -278,6 +278,15 @@ def test_curvature_objective_refuses_the_data_dependent_action():
         model.fit(x, y, batch_size=32, verbose=0)
 
 
+def test_teleport_now_on_an_in_step_objective_says_so():
+    model = mlp("relu")
+    x, y = data(32)
+    optimizer = teleported(model, "max_curvature")
+    model.fit(x, y, batch_size=32, verbose=0)
+    with pytest.raises(ValueError, match="inside the train step"):
+        optimizer.teleport_now()
+
+
 def test_unknown_objective_lists_the_accepted_ones():
     with pytest.raises(ValueError, match="min_sharpness"):
         keras_teleport.Teleport(keras.optimizers.SGD(), objective="flat")
