@@ -44,10 +44,15 @@ Usage:
 
     python examples/mnist_optimizers.py                        # 3 epochs
     python examples/mnist_optimizers.py --epochs 40 --seeds 5  # the paper's
+
+Seeds can run in separate jobs and be merged (every run is kept in
+`runs.json`): `--first-seed 1 --out runs/s1`, then
+`--merge runs/s0 runs/s1 --out runs/all`.
 """
 
 import argparse
 import csv
+import json
 import math
 import os
 import pathlib
@@ -95,7 +100,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=1,
-                        help="runs per variant, seeds 0..N-1 (averaged)")
+                        help="runs per variant, seeds F..F+N-1 (averaged)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="F, the first seed")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="train nothing: merge the runs.json of earlier "
+                             "--out folders (same epochs) into --out")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"comma list from {list(OPTIMIZERS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -117,6 +127,8 @@ def parse_args(argv=None):
         setattr(args, kind, [v for v in known if v in chosen])
     if not args.scaling_lr > 0:
         parser.error("--scaling-lr must be > 0")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be >= 0")
     if args.epochs < 1 or args.seeds < 1 or args.steps_per_execution < 1:
         parser.error("--epochs, --seeds and --steps-per-execution must be >= 1")
     if args.train_limit is not None and not (
@@ -277,6 +289,7 @@ def train_one(name, variant, seed, data, args):
             gl = optimizer if optimizer.group == "gl" else optimizer.inner_optimizer
             teleport_seconds = one * gl.teleport_metrics["teleports"]
     return {
+        "seed": seed,
         "losses": [initial] + recorder.losses,
         "seconds": [0.0] + recorder.seconds,
         "val_loss": float(val["loss"]),
@@ -294,7 +307,7 @@ def run_all(args, log=print):
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     data = ((x_train, y_train), (x_val, y_val))
     runs = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in args.optimizers:
             for variant in args.variants:
                 run = train_one(name, variant, seed, data, args)
@@ -506,7 +519,8 @@ def write_outputs(runs, args, elapsed):
         writer.writerow(["optimizer", "variant", "seed", "epoch", "seconds",
                          "train_loss"])
         for (name, variant), group in runs.items():
-            for seed, run in enumerate(group):
+            for run in group:
+                seed = run["seed"]
                 for epoch, (s, loss) in enumerate(
                     zip(run["seconds"], run["losses"])
                 ):
@@ -516,6 +530,35 @@ def write_outputs(runs, args, elapsed):
     return table, note
 
 
+def save_runs(runs, path):
+    with open(path, "w") as f:
+        json.dump([{"optimizer": name, "variant": variant, "runs": group}
+                   for (name, variant), group in runs.items()], f)
+
+
+def merge_runs(folders, args):
+    """The runs of earlier `--out` folders, with `args` set to match them."""
+    runs = {}
+    for folder in folders:
+        with open(pathlib.Path(folder) / "runs.json") as f:
+            for entry in json.load(f):
+                key = (entry["optimizer"], entry["variant"])
+                runs.setdefault(key, []).extend(entry["runs"])
+    epochs = {len(r["losses"]) - 1 for group in runs.values() for r in group}
+    sizes = {len(group) for group in runs.values()}
+    if len(epochs) != 1 or len(sizes) != 1:
+        raise SystemExit(f"--merge: runs differ in epochs {sorted(epochs)} or "
+                         f"in seeds per variant {sorted(sizes)}")
+    args.epochs, args.seeds = epochs.pop(), sizes.pop()
+    args.optimizers = [o for o in OPTIMIZERS if any(k[0] == o for k in runs)]
+    args.variants = [v for v in VARIANTS if any(k[1] == v for k in runs)]
+    missing = [(o, v) for o in args.optimizers for v in args.variants
+               if (o, v) not in runs]
+    if missing:
+        raise SystemExit(f"--merge: no runs for {missing}")
+    return runs
+
+
 def main(argv=None):
     """Runs the experiment; returns the output directory."""
     args = parse_args(argv)
@@ -523,13 +566,15 @@ def main(argv=None):
     # "retracing" warnings count those across runs and are false alarms here.
     tf.get_logger().setLevel("ERROR")
     start = time.perf_counter()
-    runs = run_all(args)
+    runs = merge_runs(args.merge, args) if args.merge else run_all(args)
     table, note = write_outputs(runs, args, time.perf_counter() - start)
+    save_runs(runs, pathlib.Path(args.out) / "runs.json")
     print()
     print(table)
     print()
     print(note)
-    print(f"\nWrote {args.out}/loss.png, results.md, results.csv, curves.csv")
+    print(f"\nWrote {args.out}/loss.png, results.md, results.csv, curves.csv, "
+          "runs.json")
     return pathlib.Path(args.out)
 
 

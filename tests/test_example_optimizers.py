@@ -105,3 +105,30 @@ def test_time_to_reach(example):
     epochs, seconds = reach([2.0, 1.0, 0.25], [0.0, 1.0, 3.0], 0.5)
     assert epochs == pytest.approx(1.5) and seconds == pytest.approx(2.0)
     assert reach([2.0, 1.0], [0.0, 1.0], 0.5) is None
+
+
+def test_seeds_run_apart_and_merged_equal_one_run(example, tmp_path):
+    common = ["--train-limit", "300", "--epochs", "1", "--optimizers", "adam",
+              "--variants", "plain,scaling"]
+    example.main(common + ["--seeds", "2", "--out", str(tmp_path / "both")])
+    example.main(common + ["--out", str(tmp_path / "s0")])
+    example.main(common + ["--first-seed", "1", "--out", str(tmp_path / "s1")])
+    example.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                  "--out", str(tmp_path / "merged")])
+
+    def rows(name, columns):
+        with open(tmp_path / name / "results.csv") as f:
+            return [{c: r[c] for c in columns} for r in csv.DictReader(f)]
+
+    # Wall-clock columns differ between jobs; everything learned must not.
+    columns = ["optimizer", "variant", "train loss @1", "val loss", "val acc",
+               "teleports (rejected)"]
+    assert rows("merged", columns) == rows("both", columns)
+
+    def curve(name):
+        with open(tmp_path / name / "curves.csv") as f:
+            return sorted((r["variant"], r["seed"], r["epoch"], r["train_loss"])
+                          for r in csv.DictReader(f))
+
+    assert curve("merged") == curve("both")
+    assert {seed for _, seed, _, _ in curve("merged")} == {"0", "1"}
