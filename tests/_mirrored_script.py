@@ -26,9 +26,12 @@ from conftest import make_mlp  # noqa: E402
 
 from keras_teleport import Teleport  # noqa: E402
 
+# name -> (inner optimizer factory, Teleport keyword arguments)
 OPTIMIZERS = {
-    "sgd": lambda: keras.optimizers.SGD(0.05),
-    "adam": lambda: keras.optimizers.Adam(0.01),
+    "sgd": (lambda: keras.optimizers.SGD(0.05), {}),
+    "adam": (lambda: keras.optimizers.Adam(0.01), {}),
+    "adam_curvature": (lambda: keras.optimizers.Adam(0.01),
+                       {"objective": "max_curvature"}),
 }
 GLOBAL_BATCH = 16
 EVERY = 2
@@ -44,7 +47,8 @@ def components(variable):
 def train(name, strategy, x, y):
     with strategy.scope():
         model = make_mlp((4, 6, 5, 3), "relu", use_bias=True)
-        optimizer = Teleport(OPTIMIZERS[name](), every=EVERY)
+        factory, kwargs = OPTIMIZERS[name]
+        optimizer = Teleport(factory(), every=EVERY, **kwargs)
         model.compile(optimizer=optimizer, loss="mse")
     start = [np.array(w) for w in model.get_weights()]
     model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,

@@ -30,7 +30,7 @@ def results():
     return json.loads(lines[0][len("RESULTS "):])
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adam_curvature"])
 def test_replicas_agree_and_match_single_device(results, name):
     r = results[name]
     assert r["replicas"] == 2
