@@ -510,9 +510,12 @@ class Teleport(keras.optimizers.Optimizer):
                 )
 
         else:
+            maximize = objectives.maximize_grad_norm
+            if indices and all(j.group.name == "scaling" for j in indices):
+                maximize = objectives.maximize_grad_norm_scaling
 
             def ascent(grads, limit):
-                return objectives.maximize_grad_norm(
+                return maximize(
                     indices, grads, self.steps, self.teleport_lr, limit
                 )
 

@@ -299,3 +299,43 @@ def test_new_objectives_round_trip_through_config(objective):
     restored = keras_teleport.Teleport.from_config(optimizer.get_config())
     assert restored.objective == objective
     assert restored.get_config() == optimizer.get_config()
+
+
+@pytest.mark.parametrize("ratio", [1e9, 1.01])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scaling_fast_ascent_matches_the_general_one(seed, ratio):
+    # Shared kernels, a junction without bias, and (ratio 1.01) a binding
+    # cap, so backtracking is exercised too.
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((7,)),
+        keras.layers.Dense(6, activation="relu"),
+        keras.layers.Dense(5, activation="relu", use_bias=False),
+        keras.layers.Dense(4, activation="relu"),
+        keras.layers.Dense(3),
+    ])
+    position = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    plan = []
+    for j in keras_teleport.find_symmetries(model).junctions:
+        ins = (position[id(j.in_kernel)],) + (
+            (position[id(j.in_bias)],) if j.in_bias is not None else ())
+        plan.append(objectives.JunctionIndices(
+            groups.get("scaling"), j.width, ins, position[id(j.out_kernel)]))
+    rng = np.random.default_rng(seed)
+    grads = {p: tf.constant(rng.normal(size=v.shape), tf.float32)
+             for p, v in enumerate(model.trainable_variables)
+             if any(p in j.in_indices + (j.out_index,) for j in plan)}
+    limit = ratio * float(objectives.squared_norm(grads))
+    general = objectives.maximize_grad_norm(plan, grads, 10, 0.05, limit)
+    fast = objectives.maximize_grad_norm_scaling(plan, grads, 10, 0.05, limit)
+    assert int(fast[3]) == int(general[3])
+    if ratio < 2:
+        assert int(fast[3]) < 10  # the cap stopped some steps
+    np.testing.assert_allclose(float(fast[2]), float(general[2]), rtol=1e-5)
+    for a, b in zip(fast[0], general[0]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    # And the fast path's value is the squared norm of the moved gradient.
+    moved = objectives.transport(plan, fast[0], grads, "linear")
+    np.testing.assert_allclose(
+        float(fast[2]), sum(float(tf.reduce_sum(g ** 2)) for g in moved.values()),
+        rtol=1e-5)
