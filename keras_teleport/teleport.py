@@ -764,13 +764,14 @@ class Teleport(keras.optimizers.Optimizer):
         dtype = weights[0].dtype
         loss_at = lambda w: plan.loss_fn(y, plan.forward(w, x))
 
-        def grad_norm(w):
+        def gradient(w):
             with tf.GradientTape() as tape:
                 tape.watch(w)
                 loss = loss_at(w)
-            return objectives.squared_norm(
-                dict(enumerate(tape.gradient(loss, w))))
+            return tape.gradient(loss, w)
 
+        grad_norm = lambda w: objectives.squared_norm(dict(enumerate(gradient(w))))
+        before = loss_at(weights)
         v0 = v1 = tf.constant(0.0, dtype)
         moved = weights
         if self.objective == "none":
@@ -791,10 +792,10 @@ class Teleport(keras.optimizers.Optimizer):
                 weights, objectives.OBJECTIVE_DIRECTIONS, seed)
             value = lambda w: objectives.sharpness(loss_at, w, directions)
             maximize = objectives.maximizes(self.objective)
-            f0 = grad_norm(weights)
+            grads = gradient(weights)
+            f0 = objectives.squared_norm(dict(enumerate(grads)))
             limit = tf.cast(self.max_grad_norm_ratio, dtype) ** 2 * f0
             if plan.chain is not None:
-                before = loss_at(weights)
 
                 def admissible(w):
                     f = grad_norm(w)
@@ -819,20 +820,15 @@ class Teleport(keras.optimizers.Optimizer):
                         full[p] = t
                     return value(full)
 
-                with tf.GradientTape() as tape:
-                    tape.watch(weights)
-                    loss = loss_at(weights)
-                all_grads = tape.gradient(loss, weights)
-                grads = {p: all_grads[p] for p in plan.positions}
                 elements, v0, v1, _, _, _ = objectives.ascend(
-                    plan.indices, value_at, at, grads, self.steps,
+                    plan.indices, value_at, at,
+                    {p: grads[p] for p in plan.positions}, self.steps,
                     self.teleport_lr, limit, maximize)
                 moved = list(weights)
                 for p, t in objectives.transport(
                         plan.indices, elements, at, "weight").items():
                     moved[p] = t
             f1 = grad_norm(moved)
-        before = loss_at(weights)
         after = loss_at(moved)
         drift = tf.abs(after - before) / tf.maximum(tf.abs(before), 1e-12)
         # As in the reference, any finite ascent counts, even one that
