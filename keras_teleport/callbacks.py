@@ -16,12 +16,6 @@ def find_teleports(optimizer):
     return found
 
 
-def find_teleport(optimizer):
-    """The outermost `Teleport` inside `optimizer`, or None."""
-    found = find_teleports(optimizer)
-    return found[0] if found else None
-
-
 class TeleportLogger(keras.callbacks.Callback):
     """Adds the Teleport optimizer's metrics to the `logs` of `fit`.
 
