@@ -396,9 +396,13 @@ def orbit_jet(plan, weights, directions):
     return first, second
 
 
-def curve_curvature(first, second):
-    """`sqrt(|g'|^2 |g''|^2 - (g'.g'')^2) / |g'|^3` over lists of tensors."""
-    dot = lambda a, b: tf.add_n([tf.reduce_sum(p * q) for p, q in zip(a, b)])
+def curve_curvature(first, second, total=tf.reduce_sum):
+    """`sqrt(|g'|^2 |g''|^2 - (g'.g'')^2) / |g'|^3` over lists of tensors.
+
+    `total` sums a tensor's entries; `_batch_sum` keeps a leading axis of
+    curves.
+    """
+    dot = lambda a, b: tf.add_n([total(p * q) for p, q in zip(a, b)])
     v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
     return tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
 
@@ -412,10 +416,7 @@ def orbit_curvature(plan, weights, directions):
         directions: as from `curvature_directions`.
     """
     first, second = orbit_jet(plan, weights, directions)
-    dot = lambda a, b: tf.add_n([_batch_sum(p * q) for p, q in zip(a, b)])
-    v2, a2, va = dot(first, first), dot(second, second), dot(first, second)
-    kappa = tf.sqrt(tf.maximum(v2 * a2 - va ** 2, 0.0)) / v2 ** 1.5
-    return tf.reduce_mean(kappa)
+    return tf.reduce_mean(curve_curvature(first, second, _batch_sum))
 
 
 def tangent_move(plan, weights, step):

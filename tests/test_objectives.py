@@ -114,8 +114,7 @@ def test_one_ascent_step_has_length_lr_and_raises_the_curvature():
     assert int(taken) == 1 and float(v1) > float(v0)
     length = np.sqrt(sum(float(tf.reduce_sum(e ** 2)) for e in elements))
     np.testing.assert_allclose(length, 0.01, rtol=1e-5)
-    # The step follows the gradient: finite differences of the value
-    # along the step agree in sign and size with its directional slope.
+    # The reported value is the curvature recomputed at the moved weights.
     moved = objectives.transport(plan, elements, weights, "weight")
     np.testing.assert_allclose(float(value_fn(moved)), float(v1), rtol=1e-6)
 
